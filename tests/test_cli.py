@@ -1,0 +1,69 @@
+"""The `opsd` command line: exit codes, one-line input errors, and the quickstart's steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_model_tiny_writes_and_refuses_to_overwrite(tmp_path: Path, capsys):
+    out = tmp_path / "tiny"
+    assert main(["model", "tiny", "--out", str(out), "--seed", "1"]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert main(["model", "tiny", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["model", "tiny", "--out", str(out), "--overwrite"]) == 0
+
+
+def test_data_check_reports_file_line_and_field(tmp_path: Path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "2\\n#### 2"}\n{"question": "", "answer": "x\\n#### 3"}\n')
+    assert main(["data", "check", str(bad), "--mapping", "gsm8k"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("opsd: error: ") and err.count("\n") == 1, err
+    assert "bad.jsonl" in err and "line 2" in err and "'problem'" in err and "'question'" in err
+    assert main(["data", "check", str(bad), "--mapping", "gsm8k", "--on-bad-row", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "kept 1" in out and "skipped 1 (empty_field)" in out
+
+
+def test_data_check_eval_file_requires_answers_not_solutions(capsys):
+    fixture = REPO_ROOT / "tests" / "fixtures" / "data" / "eval.jsonl"
+    assert main(["data", "check", str(fixture), "--mapping", "eval"]) == 0
+    assert "first row answer" in capsys.readouterr().out
+
+
+def test_config_show_rejects_unknown_key_with_suggestion(capsys):
+    assert main(["config", "show", "data.path=x.jsonl", "learner.loss.betta=0.3"]) == 2
+    err = capsys.readouterr().err
+    assert "learner.loss.betta" in err and "did you mean 'learner.loss.beta'" in err
+    assert main(["config", "show", "data.path=x.jsonl", "learner.loss.beta=0.3"]) == 0
+    assert "beta: 0.3" in capsys.readouterr().out
+
+
+def test_prompts_prints_student_and_teacher_prompt(tiny_model_dir: Path, capsys):
+    recipe = REPO_ROOT / "recipes" / "quickstart-cpu.yaml"
+    data = REPO_ROOT / "tests" / "fixtures" / "data" / "gsm8k.jsonl"
+    assert main(["prompts", "--config", str(recipe), f"model.path={tiny_model_dir}", f"data.path={data}"]) == 0
+    out = capsys.readouterr().out
+    assert "student prompt" in out and "teacher prompt" in out
+    assert "Here is a reference solution to this problem:" in out
+    assert "tokens over 5 rows" in out
+
+
+def test_quickstart_runs_every_step(smollm2_dir: Path, tmp_path: Path, capsys, monkeypatch):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "smollm2-135m-instruct").symlink_to(smollm2_dir)  # reuse the session's import
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(["quickstart", "--models-dir", str(models)]) == 0
+    out = capsys.readouterr().out
+    for step in ("[1/4] model", "[2/4] config", "[3/4] data and prompts", "[4/4] the untrained student"):
+        assert step in out
+    assert "1000 rows kept of 1000 read" in out
+    assert "Not yet here: OPSD training" in out
