@@ -1,0 +1,385 @@
+"""The OPSD distillation loss: generalized Jensen-Shannon divergence, fused with ``lm_head``, in chunks.
+
+Per response position, with student p = softmax(z_s / tau) and teacher q = softmax(z_t / tau):
+
+    m = beta q + (1 - beta) p
+    GJS_beta(q, p) = beta KL(q || m) + (1 - beta) KL(p || m)          0 < beta < 1
+    beta = 0: KL(q || p) (forward),   beta = 1: KL(p || q) (reverse)     (GKD's convention for the limits)
+
+Loss = sum of the per-token divergence over the selected response tokens / ``normalizer`` (the number of response
+tokens in the whole global batch), so micro-batches and ranks add up to the same token-level mean.
+
+Why fused: at Qwen3's vocabulary (V = 151,936) the student's ``[T, V]`` logits of one 2K-token trace take 1.2 GB in
+float32, and the naive form (TRL's GKD, the paper's code) keeps a dozen such tensors alive for backward. Here the
+student's hidden states go in, and ``lm_head`` + log-softmax + divergence run one chunk of positions at a time. The
+gradient w.r.t. the chunk's logits has a closed form (below), so each chunk's contribution to the gradients of the
+hidden states, ``lm_head`` weight and bias is computed right there and the chunk's logits are freed: peak extra memory
+is a few chunk-sized ``[C, V]`` tensors, whatever T is. Gradients are exact, not approximated; the tests check them
+against a float64 autograd reference.
+
+Gradient. Group the vocabulary into categories c with student mass P_c and teacher mass Q_c (each token alone for
+'full'; the teacher's top-k ids plus one tail bucket for 'topk_tail'). With g_c = dD/dP_c:
+
+    0 < beta < 1:  g_c = (1 - beta) (log P_c - log M_c)      (the other terms cancel since sum m = 1)
+    beta = 1:      g_c = log P_c - log Q_c
+    dD/du_i = p_i (g_c(i) - sum_c P_c g_c)                   u = z / tau, i in category c(i)
+    beta = 0:      dD/du_i = p_i - Q_c(i) p_i / P_c(i)        (computed in log space)
+
+Variants ("kind"):
+  full           every token is its own category; the teacher is given as logits or as hidden states + lm_head.
+  topk_tail      the teacher's top-k ids + one bucket for the rest (what crosses the network). A lower bound of the
+                 full GJS (data processing inequality), equal to it as k -> V. The student's tail mass is a
+                 logsumexp over the non-top-k log-probs, never 1 - sum(top-k), which cancels catastrophically.
+  topk_renorm    both sides renormalised over the k ids, no tail: the paper code's ``top_k_loss`` (ablation only; a
+                 different objective).
+  sampled_token  the sampled token only (the paper's ablation, "Thinking Machines" loss): the value is the per-token
+                 estimate log p(y) - log q(y) of KL(p || q); the gradient is its score-function estimator
+                 (log p(y) - log q(y)) * grad log p(y), i.e. the gradient of -(advantage.detach() * log p(y)).
+
+Per-token clip: a token's divergence is replaced by min(D, clip); a clipped token contributes no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LossKind = Literal["full", "topk_tail", "topk_renorm", "sampled_token"]
+LOSS_KINDS: tuple[str, ...] = ("full", "topk_tail", "topk_renorm", "sampled_token")
+
+
+@dataclass(frozen=True)
+class FullTeacher:
+    """The teacher's full distribution: raw ``logits [..., V]``, or ``hidden [..., H]`` with its ``lm_head``.
+
+    Given as hidden states (the learner running the frozen teacher in-process), its logits are also made one chunk at
+    a time. Logits are raw: the loss divides them by the temperature.
+    """
+
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.logits is None) == (self.hidden is None):
+            raise ValueError("FullTeacher takes either logits or hidden (with weight), not both or neither")
+        if self.hidden is not None and self.weight is None:
+            raise ValueError("FullTeacher(hidden=...) needs the teacher's lm_head weight")
+
+
+@dataclass(frozen=True)
+class TopKTeacher:
+    """The compressed teacher of the rollout table: ``ids [..., k]`` (int), ``logprobs [..., k]`` and
+    ``tail_logprob [...]`` = log(1 - sum of the top-k probs). Log-probs are tempered and normalised over the full
+    vocabulary by the teacher."""
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail_logprob: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SampledTokenTeacher:
+    """The teacher's (tempered) log-prob ``logprob [...]`` of each sampled token ``token_ids [...]``."""
+
+    token_ids: torch.Tensor
+    logprob: torch.Tensor
+
+
+Teacher = FullTeacher | TopKTeacher | SampledTokenTeacher
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """``loss`` carries the gradient; the rest are detached statistics of the same call."""
+
+    loss: torch.Tensor  # scalar (float32; float64 for float64 inputs): sum of clipped divergences / normalizer
+    divergence_sum: torch.Tensor  # scalar, same dtype: sum of the unclipped per-token divergences
+    num_tokens: int  # response tokens in this call
+    num_clipped: int  # tokens whose divergence exceeded the clip
+
+
+def gjs_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    teacher: Teacher,
+    *,
+    kind: LossKind = "full",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    chunk_size: int = 1024,
+    clip: float | None = None,
+) -> LossOutput:
+    """Generalized JSD between the student (``hidden [..., H]`` through ``lm_head`` = ``weight [V, H]``, ``bias``)
+    and ``teacher`` at every selected position.
+
+    ``mask [...]`` (bool) selects the response positions; teacher tensors share ``hidden``'s leading dims.
+    ``normalizer``: the token count the sum is divided by (default: the tokens selected here). Pass the global
+    batch's response-token count when the batch is split into micro-batches or ranks.
+    """
+    _check_arguments(hidden, weight, teacher, kind, beta, temperature, chunk_size, clip)
+    lead = hidden.shape[:-1]
+    if mask is not None:
+        if mask.shape != lead or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool with shape {tuple(lead)}, got {mask.dtype} {tuple(mask.shape)}")
+        select = lambda x: x[mask]  # noqa: E731
+    else:
+        select = lambda x: x.reshape(-1, *x.shape[len(lead):])  # noqa: E731
+
+    rows = select(hidden)
+    teacher_tensors = [select(t) if per_position and t is not None else t for t, per_position in _tensors_of(teacher)]
+    for t, (original, per_position) in zip(teacher_tensors, _tensors_of(teacher)):
+        if per_position and original is not None and original.shape[: len(lead)] != lead:
+            raise ValueError(f"teacher tensors must start with the student's dims {tuple(lead)}, got {tuple(original.shape)}")
+    num_tokens = rows.shape[0]
+    if normalizer is None:
+        normalizer = float(max(num_tokens, 1))
+    if normalizer <= 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+
+    spec = _Spec(kind, type(teacher), float(beta), float(temperature), float(normalizer), int(chunk_size), clip)
+    loss, divergence_sum, num_clipped = _FusedDivergence.apply(rows, weight, bias, spec, *teacher_tensors)
+    return LossOutput(loss, divergence_sum.detach(), num_tokens, int(num_clipped))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Implementation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    kind: str
+    teacher_type: type
+    beta: float
+    temperature: float
+    normalizer: float
+    chunk_size: int
+    clip: float | None
+
+
+def _tensors_of(teacher: Teacher) -> list[tuple[torch.Tensor | None, bool]]:
+    """The teacher's tensors in a fixed order, each with whether it has one entry per position."""
+    if isinstance(teacher, FullTeacher):
+        return [(teacher.logits, True), (teacher.hidden, True), (teacher.weight, False), (teacher.bias, False)]
+    if isinstance(teacher, TopKTeacher):
+        return [(teacher.ids, True), (teacher.logprobs, True), (teacher.tail_logprob, True)]
+    return [(teacher.token_ids, True), (teacher.logprob, True)]
+
+
+_KIND_TEACHER = {"full": FullTeacher, "topk_tail": TopKTeacher, "topk_renorm": TopKTeacher,
+                 "sampled_token": SampledTokenTeacher}
+
+
+def _check_arguments(hidden, weight, teacher, kind, beta, temperature, chunk_size, clip) -> None:
+    if kind not in _KIND_TEACHER:
+        raise ValueError(f"kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
+    if not isinstance(teacher, _KIND_TEACHER[kind]):
+        raise TypeError(f"kind {kind!r} needs a {_KIND_TEACHER[kind].__name__}, got {type(teacher).__name__}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be > 0 or None, got {clip}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
+    if isinstance(teacher, FullTeacher) and teacher.logits is not None and teacher.logits.shape[-1] != weight.shape[0]:
+        raise ValueError(f"teacher logits have vocabulary {teacher.logits.shape[-1]}, the student {weight.shape[0]}")
+    if isinstance(teacher, TopKTeacher) and teacher.ids.shape != teacher.logprobs.shape:
+        raise ValueError(f"top-k ids {tuple(teacher.ids.shape)} and logprobs {tuple(teacher.logprobs.shape)} differ")
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """Forward walks the positions in chunks and, when gradients are needed, accumulates them on the way (the chunk's
+    logits never outlive its iteration); backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, spec: _Spec, *teacher_tensors):
+        need_rows, need_weight, need_bias = ctx.needs_input_grad[:3]
+        n = rows.shape[0]
+        grad_rows = torch.zeros_like(rows) if need_rows else None
+        accumulate = _compute_dtype(weight.dtype)
+        grad_weight = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_bias else None
+        loss_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
+        divergence_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
+        num_clipped = 0
+        want_grad = need_rows or need_weight or need_bias
+        scale = 1.0 / (spec.temperature * spec.normalizer)  # d(loss)/dz = d(D)/du / (tau * normalizer)
+
+        for start in range(0, n, spec.chunk_size):
+            end = min(start + spec.chunk_size, n)
+            h = rows[start:end]
+            student_logp = _log_softmax_tempered(F.linear(h, weight, bias), spec.temperature)
+            teacher_chunk = _teacher_chunk(spec, teacher_tensors, start, end)
+            divergence, grad_u = _divergence_and_grad(spec, student_logp, teacher_chunk, want_grad)
+            del student_logp
+
+            divergence_sum += divergence.double().sum()
+            if spec.clip is not None:
+                keep = divergence <= spec.clip
+                num_clipped += int((~keep).sum())
+                loss_sum += torch.where(keep, divergence, torch.full_like(divergence, spec.clip)).double().sum()
+            else:
+                keep = None
+                loss_sum += divergence.double().sum()
+
+            if want_grad:
+                if keep is not None:
+                    grad_u.mul_(keep.unsqueeze(-1))
+                grad_z = grad_u.mul_(scale)  # [C, V] float32: d(loss)/d(logits) of this chunk
+                if need_rows:
+                    grad_rows[start:end] = (grad_z.to(weight.dtype) @ weight).to(rows.dtype)
+                if need_weight:
+                    grad_weight.addmm_(grad_z.t().to(accumulate), h.to(accumulate))
+                if need_bias:
+                    grad_bias += grad_z.sum(0).to(accumulate)
+                del grad_u, grad_z
+
+        ctx.save_for_backward(grad_rows, grad_weight, grad_bias)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.num_teacher_tensors = len(teacher_tensors)
+        out_dtype = _compute_dtype(rows.dtype)
+        loss = (loss_sum / spec.normalizer).to(out_dtype)
+        divergence_sum = divergence_sum.to(out_dtype)
+        ctx.mark_non_differentiable(divergence_sum)
+        return loss, divergence_sum, num_clipped
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_divergence, _grad_clipped):
+        grad_rows, grad_weight, grad_bias = ctx.saved_tensors
+        if grad_rows is not None:
+            grad_rows = grad_rows * grad_loss.to(grad_rows.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        if grad_bias is not None:
+            grad_bias = (grad_bias * grad_loss).to(ctx.bias_dtype)
+        return grad_rows, grad_weight, grad_bias, None, *([None] * ctx.num_teacher_tensors)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64 (the reference tests); everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _log_softmax_tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / tau) in at least float32 (bf16 logits are upcast before any exp or sum). Works in place
+    on ``logits`` when they are float32 already: pass a tensor this module owns."""
+    u = logits.to(_compute_dtype(logits.dtype))
+    if temperature != 1.0:
+        u.div_(temperature)
+    return u.sub_(torch.logsumexp(u, dim=-1, keepdim=True))
+
+
+def _teacher_chunk(spec: _Spec, tensors, start: int, end: int):
+    if spec.teacher_type is FullTeacher:
+        logits, hidden, weight, bias = tensors
+        # The caller's logits are copied (the log-softmax works in place); a fresh linear output needs no copy.
+        if logits is not None:
+            raw = logits[start:end].to(_compute_dtype(logits.dtype), copy=True)
+        else:
+            raw = F.linear(hidden[start:end], weight, bias)
+        return _log_softmax_tempered(raw, spec.temperature)
+    return [t[start:end] for t in tensors]
+
+
+def _divergence_and_grad(spec: _Spec, s: torch.Tensor, teacher, want_grad: bool):
+    """Per-token divergence ``[C]`` and its gradient w.r.t. the tempered student logits u ``[C, V]`` (or None)."""
+    if spec.kind == "full":
+        return _full(s, teacher, spec.beta, want_grad)
+    if spec.kind == "sampled_token":
+        token_ids, teacher_logprob = teacher
+        y = token_ids.long().unsqueeze(-1)
+        divergence = s.gather(-1, y).squeeze(-1) - teacher_logprob.to(s.dtype)
+        if not want_grad:
+            return divergence, None
+        grad_u = s.exp_().neg_()  # -p, in place of s
+        grad_u.scatter_add_(-1, y, torch.ones_like(y, dtype=grad_u.dtype))  # onehot(y) - p
+        return divergence, grad_u.mul_(divergence.unsqueeze(-1))
+    ids, top_logprobs, tail_logprob = teacher
+    ids = ids.long()
+    if spec.kind == "topk_renorm":
+        return _topk_renorm(s, ids, top_logprobs.to(s.dtype), spec.beta, want_grad)
+    return _topk_tail(s, ids, top_logprobs.to(s.dtype), tail_logprob.to(s.dtype), spec.beta, want_grad)
+
+
+# Log-probs of empty categories (a tail when k = V, an underflowed teacher tail) are raised to this floor: exp() of it
+# is exactly 0, so 0 * (finite) terms vanish instead of becoming 0 * inf = NaN. Real log-probs never get near it.
+_LOGPROB_FLOOR = -1.0e4
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) as a batched matmul: no ``[C, K]`` product tensor is allocated."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
+class _Divergence(NamedTuple):
+    value: torch.Tensor  # [C]
+    P: torch.Tensor | None  # student category probs [C, K] (None for beta = 0)
+    g: torch.Tensor | None  # dD/dP_c up to a per-row constant [C, K] (None for beta = 0)
+    g_mean: torch.Tensor | None  # sum_c P_c g_c [C, 1]
+
+
+def _category_divergence(S: torch.Tensor, T: torch.Tensor, beta: float) -> _Divergence:
+    """Divergence between category distributions given as finite log-probs ``[C, K]`` (student S, teacher T), with
+    what the gradient needs: dD/du for a logit u_i of category c is P_i (g_c - g_mean) (beta = 0: see callers)."""
+    if beta == 0.0:
+        return _Divergence(_rowdot(T.exp(), T - S), None, None, None)
+    P = S.exp()
+    if beta == 1.0:
+        g = S - T
+        value = _rowdot(P, g)
+        return _Divergence(value, P, g, value.unsqueeze(-1))
+    log_m = torch.logaddexp(T + math.log(beta), S + math.log1p(-beta))
+    teacher_part = _rowdot(T.exp(), T - log_m)
+    g = (S - log_m).mul_(1.0 - beta)  # (1 - beta)(log P - log M); the other terms cancel since sum(m) = 1
+    del log_m
+    g_mean = _rowdot(P, g)
+    return _Divergence(beta * teacher_part + g_mean, P, g, g_mean.unsqueeze(-1))
+
+
+def _full(s: torch.Tensor, t: torch.Tensor, beta: float, want_grad: bool):
+    d = _category_divergence(s, t, beta)
+    if not want_grad:
+        return d.value, None
+    if beta == 0.0:
+        return d.value, s.exp_().sub_(t.exp_())  # p - q
+    return d.value, d.g.sub_(d.g_mean).mul_(d.P)
+
+
+def _topk_tail(s, ids, top_logprobs, tail_logprob, beta, want_grad):
+    s_top = s.gather(-1, ids)
+    s_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), dim=-1)  # exact tail mass, no 1 - sum(top-k)
+    S = torch.cat([s_top, s_tail.unsqueeze(-1)], dim=-1).clamp_min_(_LOGPROB_FLOOR)
+    T = torch.cat([top_logprobs, tail_logprob.unsqueeze(-1)], dim=-1).clamp_min_(_LOGPROB_FLOOR)
+    d = _category_divergence(S, T, beta)
+    if not want_grad:
+        return d.value, None
+    if beta == 0.0:
+        # dD/du_i = p_i - Q_c p_i / P_c = p_i - exp(s_i - S_c + T_c); a top-k id is its own category (s_i = S_c).
+        q_share = (s - S[:, -1:] + T[:, -1:]).scatter_(-1, ids, T[:, :-1])
+        return d.value, s.exp_().sub_(q_share.exp_())
+    g_token = d.g[:, -1:].expand_as(s).clone().scatter_(-1, ids, d.g[:, :-1])  # each token gets its category's g
+    return d.value, s.exp_().mul_(g_token.sub_(d.g_mean))
+
+
+def _topk_renorm(s, ids, top_logprobs, beta, want_grad):
+    S = torch.log_softmax(s.gather(-1, ids), dim=-1)
+    T = torch.log_softmax(top_logprobs, dim=-1)
+    d = _category_divergence(S, T, beta)
+    if not want_grad:
+        return d.value, None
+    grad_top = S.exp().sub_(T.exp()) if beta == 0.0 else d.g.sub_(d.g_mean).mul_(d.P)
+    return d.value, torch.zeros_like(s).scatter_(-1, ids, grad_top)  # only the k logits move
