@@ -15,6 +15,7 @@ import json
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from opsd.errors import UserInputError
 
@@ -128,7 +129,7 @@ def check_table(table: pa.Table, stage: str) -> None:
 
 
 def _lengths(table: pa.Table, column: str) -> list[int]:
-    return pa.compute.list_value_length(table.column(column)).to_pylist()
+    return pc.list_value_length(table.column(column)).to_pylist()
 
 
 def _same_lengths(table, column, expected, ids, what) -> None:
