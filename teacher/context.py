@@ -1,0 +1,109 @@
+"""Teacher contexts: teacher prompt (problem + reference solution + transition) followed by the student's trace.
+
+The student's ``response_ids`` are appended token for token, never re-tokenised and never cut: the loss needs the
+teacher's distribution at every position the student produced. When a context is longer than the teacher may hold,
+the configured policy applies to the *solution*: ``truncate_solution`` keeps its beginning and end around a marker
+(the final answer usually sits at the end), ``skip`` leaves the row out and counts it. A row that cannot fit even
+with the solution shortened to nothing is skipped and counted under its own reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+from opsd.prompts import PromptBuilder
+
+TRUNCATION_MARKER = "\n[... part of the reference solution omitted ...]\n"
+MIN_SOLUTION_TOKENS = 16  # below this a "solution" carries no information: skip the row instead
+_MAX_FIT_ATTEMPTS = 4  # re-tokenising the shortened text can differ by a few tokens; tighten and retry
+
+
+@dataclass(frozen=True)
+class TeacherContext:
+    """One row's teacher input: ``input_ids`` = teacher prompt + response; the response starts at ``response_start``."""
+
+    row: int  # index in the incoming table
+    input_ids: list[int]
+    response_start: int
+    solution_tokens_removed: int = 0
+
+    @property
+    def response_length(self) -> int:
+        return len(self.input_ids) - self.response_start
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    contexts: list[TeacherContext]
+    skipped: dict[str, int]  # reason -> rows
+    skipped_rows: list[int]
+    truncated_rows: int
+
+
+def build_contexts(
+    builder: PromptBuilder,
+    problems: Sequence[str],
+    solutions: Sequence[str],
+    responses: Sequence[Sequence[int]],
+    max_context: int,
+    on_overlength: Literal["truncate_solution", "skip"],
+) -> ContextPlan:
+    contexts, skipped_rows, truncated = [], [], 0
+    skipped: dict[str, int] = {}
+    for row, (problem, solution, response) in enumerate(zip(problems, solutions, responses)):
+        response = [int(t) for t in response]
+        prompt = builder.teacher_prompt_ids(problem, solution)
+        removed = 0
+        if len(prompt) + len(response) > max_context:
+            if on_overlength == "skip":
+                reason = "overlength"
+            else:
+                prompt, removed, reason = _shorten_solution(builder, problem, solution, len(response), max_context)
+            if reason:
+                skipped[reason] = skipped.get(reason, 0) + 1
+                skipped_rows.append(row)
+                continue
+            truncated += 1
+        contexts.append(TeacherContext(row, prompt + response, len(prompt), removed))
+    return ContextPlan(contexts, skipped, skipped_rows, truncated)
+
+
+def _shorten_solution(builder: PromptBuilder, problem: str, solution: str, response_length: int, max_context: int):
+    """Teacher prompt ids with the solution cut from the middle so that prompt + response fits, or a skip reason."""
+    solution_ids = builder.encode(solution)
+    marker = len(builder.encode(TRUNCATION_MARKER))
+    excess = len(builder.teacher_prompt_ids(problem, solution)) + response_length - max_context
+    for _ in range(_MAX_FIT_ATTEMPTS):
+        keep = len(solution_ids) - excess - marker
+        if keep < MIN_SOLUTION_TOKENS:
+            return None, 0, "overlength_even_without_solution"
+        head = keep // 2
+        shortened = (builder.tokenizer.decode(solution_ids[:head]) + TRUNCATION_MARKER
+                     + builder.tokenizer.decode(solution_ids[len(solution_ids) - (keep - head):]))
+        prompt = builder.teacher_prompt_ids(problem, shortened)
+        over = len(prompt) + response_length - max_context
+        if over <= 0:
+            return prompt, len(solution_ids) - keep, ""
+        excess += over
+    return None, 0, "overlength_even_without_solution"
+
+
+def pack_by_tokens(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
+    """Group indices into batches whose padded size (rows x longest) stays within ``token_budget``.
+
+    Longest first, so rows of similar length share a batch and padding stays small; a row longer than the budget is
+    a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * longest > token_budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
