@@ -22,7 +22,8 @@ from opsd.hf import load_tokenizer, tokenizer_fingerprint
 from opsd.prompts import PromptBuilder, PromptConfig
 from opsd.schema import SCORED_SCHEMA, TableMetadata, check_metadata, check_table, read_metadata, with_metadata
 from teacher.config import TeacherConfig
-from teacher.context import build_contexts, pack_by_tokens
+from opsd.packing import pack_by_tokens
+from opsd.teacher_context import build_contexts
 from teacher.topk import CompressedDistribution, compress_hidden
 
 

@@ -13,7 +13,8 @@ from opsd.hf import tokenizer_fingerprint
 from opsd.prompts import PromptBuilder
 from opsd.schema import ROLLOUT_SCHEMA, TableError, TableMetadata, check_table, read_metadata, sample_id, with_metadata
 from teacher.config import TeacherConfig
-from teacher.context import TRUNCATION_MARKER, build_contexts, pack_by_tokens
+from opsd.packing import pack_by_tokens
+from opsd.teacher_context import TRUNCATION_MARKER, build_contexts
 from teacher.scorer import TeacherScorer
 from teacher.topk import compress_logits
 

@@ -1,5 +1,8 @@
 """Teacher contexts: teacher prompt (problem + reference solution + transition) followed by the student's trace.
 
+Shared by the teacher actor (top-k scoring) and the learner's in-process teacher (full-vocabulary loss), so both see
+exactly the same context.
+
 The student's ``response_ids`` are appended token for token, never re-tokenised and never cut: the loss needs the
 teacher's distribution at every position the student produced. When a context is longer than the teacher may hold,
 the configured policy applies to the *solution*: ``truncate_solution`` keeps its beginning and end around a marker
@@ -87,23 +90,3 @@ def _shorten_solution(builder: PromptBuilder, problem: str, solution: str, respo
             return prompt, len(solution_ids) - keep, ""
         excess += over
     return None, 0, "overlength_even_without_solution"
-
-
-def pack_by_tokens(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
-    """Group indices into batches whose padded size (rows x longest) stays within ``token_budget``.
-
-    Longest first, so rows of similar length share a batch and padding stays small; a row longer than the budget is
-    a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        longest = lengths[current[0]] if current else lengths[i]
-        if current and (len(current) + 1) * longest > token_budget:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
