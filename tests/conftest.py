@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Ray reads this once, at its first import: every Ray listener of the tests stays on 127.0.0.1 (tests/helpers/local_ray.py).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest  # noqa: E402
 
 # No hub is reachable from tests: fail fast instead of retrying the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

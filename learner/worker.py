@@ -1,0 +1,305 @@
+"""One learner rank: a DeepSpeed engine around a PEFT LoRA model, trained on the GJS loss.
+
+    worker = LearnerWorker(model_path, LearnerConfig(), rank=0, world_size=1, master_addr="127.0.0.1",
+                           master_port=free_port(), total_steps=100)
+    metrics = worker.train_step(micro_batches, global_tokens=..., num_micro_batches=...)
+    payload = worker.export_adapter(version=1)
+
+A plain class: ``learner.group.LearnerGroup`` runs one per Ray actor and splits each step's rows over them. The base
+weights are frozen and are the teacher (``disable_adapter()``); only the LoRA tensors train.
+
+Gradient bookkeeping. Each micro-batch's loss is ``sum of its token divergences / global response tokens``, times
+the world size because DeepSpeed averages gradients over ranks; ``backward`` is told not to divide by the number of
+micro-batches. The update is therefore the gradient of the token-level mean over the whole global batch, whatever the
+number of ranks or micro-batches. All ranks run the same number of micro-batches (DeepSpeed's gradient accumulation
+steps are set per step), so collectives line up.
+
+Non-finite steps. ZeRO stages 1-3 discard a step whose gradient norm is not finite (their overflow check); stage 0
+has none, so this worker checks the gradients itself and drops them. Either way the weights, optimizer moments and
+schedule do not move, and the step is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from learner.batch import MicroBatch
+from learner.config import LearnerConfig
+from learner.loss import FullTeacher, SampledTokenTeacher, TopKTeacher, gjs_loss
+from learner.schedule import build_scheduler
+from opsd.adapter import AdapterPayload
+
+
+@dataclass
+class StepMetrics:
+    loss: float = 0.0  # this rank's share of the global loss (the group sums them)
+    divergence_sum: float = 0.0  # unclipped per-token divergences, summed
+    tokens: int = 0  # response tokens trained on by this rank
+    clipped_tokens: int = 0
+    grad_norm: float = float("nan")
+    lr: float = 0.0
+    skipped: bool = False
+    skip_reason: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if on_gpu else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+class LearnerWorker:
+    def __init__(
+        self,
+        model_path: str,
+        config: LearnerConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int | None = None,
+        total_steps: int = 1,
+        seed: int = 0,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+    ):
+        self.config = config
+        self.model_path = model_path
+        self.rank, self.world_size = rank, world_size
+        self.total_steps = total_steps
+        self.on_gpu = torch.cuda.is_available()
+        if not self.on_gpu:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
+        # One process per rank; Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local rank is 0.
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port or free_port()), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+        import deepspeed
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.on_gpu else "gloo", auto_mpi_discovery=False)
+        self.device = f"cuda:{torch.cuda.current_device()}" if self.on_gpu else "cpu"
+        self.dtype = resolve_dtype(config.dtype, self.on_gpu)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, revision=revision, trust_remote_code=trust_remote_code, dtype=self.dtype,
+            use_safetensors=True, attn_implementation="sdpa",
+        )
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        _seed_everything(seed)  # the same LoRA initialisation on every rank
+        lora = config.lora
+        model = get_peft_model(model, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=list(lora.target_modules)))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optim = config.optim
+        optimizer = torch.optim.AdamW(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                      weight_decay=optim.weight_decay)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,  # set per step to the step's number of micro-batches
+            "gradient_clipping": optim.grad_clip or 0.0,
+            "zero_optimization": {"stage": config.zero_stage},
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        # ZeRO wraps the optimizer but steps the same param groups: the schedule drives the torch optimizer's lr.
+        self.scheduler = build_scheduler(optimizer, total_steps, optim)
+        self.step_count = 0
+        self.pad_id = int(model.config.pad_token_id if model.config.pad_token_id is not None else 0)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def peft_model(self):
+        return self.engine.module
+
+    def _decoder(self):
+        return self.peft_model.get_base_model().base_model  # the transformer stack, LoRA layers inside
+
+    def _lm_head(self) -> torch.nn.Module:
+        return self.peft_model.get_base_model().get_output_embeddings()
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) fp32 copies of the LoRA tensors, for tests and checks. All ranks must call it."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in self.peft_model.named_parameters():
+            if p.requires_grad:
+                full = safe_get_full_fp32_param(p) if self.config.zero_stage > 0 else p.detach()
+                out[name] = full.detach().float().cpu().clone()
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[MicroBatch], global_tokens: int, num_micro_batches: int) -> StepMetrics:
+        """One optimizer step over this rank's micro-batches (padded to ``num_micro_batches`` with empty ones)."""
+        import deepspeed
+
+        from learner.batch import empty_micro_batch
+
+        metrics = StepMetrics(lr=self.scheduler.get_last_lr()[0])
+        timings = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        batches = list(micro_batches) + [empty_micro_batch(self.pad_id)] * (num_micro_batches - len(micro_batches))
+        self.engine.set_train_batch_size(num_micro_batches * self.world_size)  # accumulation steps = micro-batches
+        self.engine.train()
+        loss_kind = self.config.loss
+        lm_head = self._lm_head()
+        for i, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            start = time.perf_counter()
+            if batch.num_tokens == 0:
+                # Run the same forwards as a real micro-batch (ZeRO-3 gathers weights in them) with a zero loss, so
+                # this rank's gradient hooks and collectives stay in step with the others.
+                if loss_kind.kind == "full":
+                    with torch.no_grad(), self.peft_model.disable_adapter():
+                        self._decoder()(input_ids=batch.input_ids)
+                hidden = self._decoder()(input_ids=batch.input_ids).last_hidden_state
+                loss = hidden.sum() * 0.0
+            else:
+                hidden = self._decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                rows = hidden.last_hidden_state[batch.response_mask]
+                teacher = self._teacher(batch, lm_head)
+                # The fused loss reads lm_head's weight directly, outside the module's forward: under ZeRO-3 it
+                # must be gathered first (read-only: lm_head is frozen under LoRA).
+                with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), enabled=self.config.zero_stage == 3):
+                    out = gjs_loss(rows, lm_head.weight, teacher, kind=loss_kind.kind, beta=loss_kind.beta,
+                                   temperature=loss_kind.temperature, bias=getattr(lm_head, "bias", None),
+                                   normalizer=global_tokens, chunk_size=loss_kind.chunk_size, clip=loss_kind.clip)
+                loss = out.loss
+                metrics.loss += float(out.loss.detach())
+                metrics.divergence_sum += float(out.divergence_sum)
+                metrics.tokens += out.num_tokens
+                metrics.clipped_tokens += out.num_clipped
+            timings["forward"] += time.perf_counter() - start
+            start = time.perf_counter()
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            timings["backward"] += time.perf_counter() - start
+            start = time.perf_counter()
+            if i == len(batches) - 1 and self.config.zero_stage == 0:
+                self._check_gradients_zero0(metrics)
+            self.engine.step()
+            timings["optimizer"] += time.perf_counter() - start
+
+        applied = self.engine.was_step_applied() and not metrics.skipped
+        if not applied and not metrics.skipped:
+            metrics.skipped, metrics.skip_reason = True, "non-finite gradient"
+        if applied:
+            self.scheduler.step()
+        if self.config.zero_stage > 0:
+            norm = self.engine.get_global_grad_norm()
+            metrics.grad_norm = float(norm) if norm is not None and applied else float("nan")
+        self.step_count += 1
+        metrics.seconds = timings
+        return metrics
+
+    def _teacher(self, batch: MicroBatch, lm_head: torch.nn.Module):
+        t = batch.teacher
+        kind = self.config.loss.kind
+        if kind in ("topk_tail", "topk_renorm"):
+            return TopKTeacher(t["ids"], t["logprobs"], t["tail_logprob"])
+        if kind == "sampled_token":
+            return SampledTokenTeacher(t["token_ids"], t["logprob"])
+        # Full vocabulary: the frozen base (adapter off) on the teacher's context, in-process.
+        with torch.no_grad(), self.peft_model.disable_adapter():
+            hidden = self._decoder()(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
+        # The parameters themselves, not detached copies: under ZeRO-3 they are filled in when gathered for the loss.
+        return FullTeacher(hidden=hidden[t["response_mask"]], weight=lm_head.weight, bias=getattr(lm_head, "bias", None))
+
+    def _check_gradients_zero0(self, metrics: StepMetrics) -> None:
+        """ZeRO-0 has no overflow check and reports no norm: compute the global gradient norm here, and if it is not
+        finite on any rank, every rank drops its gradients (AdamW skips parameters without one: no update, no
+        moment change)."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.peft_model.parameters() if p.requires_grad and p.grad is not None]
+        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        squares = squares.reshape(1).to(self.device)
+        if self.world_size > 1:
+            dist.all_reduce(squares)
+        metrics.grad_norm = float(squares.sqrt())
+        if not math.isfinite(metrics.grad_norm):
+            for p in self.peft_model.parameters():
+                p.grad = None
+            metrics.skipped, metrics.skip_reason = True, "non-finite gradient"
+
+    @torch.no_grad()
+    def logits(self, input_ids: list[list[int]]) -> torch.Tensor:
+        """The student's (base + LoRA) logits for equal-length sequences, float32 on CPU. All ranks must call it."""
+        self.engine.eval()
+        out = self.peft_model(input_ids=torch.tensor(input_ids, device=self.device)).logits
+        return out.float().cpu()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def export_adapter(self, version: int) -> AdapterPayload | None:
+        """The LoRA weights (gathered under ZeRO-3) as safetensors bytes + PEFT config. Every rank must call it; rank 0
+        returns the payload, the others None."""
+        import deepspeed
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save
+
+        lora = [p for n, p in self.peft_model.named_parameters() if "lora_" in n]
+        with deepspeed.zero.GatheredParameters(lora, enabled=self.config.zero_stage == 3):
+            if self.rank != 0:
+                return None
+            state = get_peft_model_state_dict(self.peft_model)
+            tensors = {k: v.detach().to(torch.float32).cpu().contiguous().clone() for k, v in state.items()}
+        if any(t.numel() == 0 for t in tensors.values()):
+            raise RuntimeError("adapter export produced empty tensors (ZeRO-3 parameters not gathered)")
+        config = self.peft_model.peft_config["default"].to_dict()
+        config = json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+        config["base_model_name_or_path"] = self.model_path
+        return AdapterPayload(version=version, weights=save(tensors), config=config)
+
+    # ------------------------------------------------------------------------------------------------------------
+    def save_checkpoint(self, directory: str, client_state: dict | None = None) -> None:
+        """Adapter, optimizer, schedule, step and RNG states into ``directory`` (all ranks write their shards; the
+        caller makes the directory appear atomically, see LearnerGroup.save_checkpoint)."""
+        state = {
+            "step": self.step_count,
+            "scheduler": self.scheduler.state_dict(),
+            "client": client_state or {},
+        }
+        self.engine.save_checkpoint(directory, tag="learner", client_state=state, exclude_frozen_parameters=True)
+        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        torch.save(rng, Path(directory) / f"rng-rank{self.rank}.pt")
+
+    def load_checkpoint(self, directory: str) -> dict:
+        _, state = self.engine.load_checkpoint(directory, tag="learner", load_module_strict=False)
+        if state is None:
+            raise FileNotFoundError(f"no learner checkpoint in {directory}")
+        self.step_count = state["step"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        rng = torch.load(Path(directory) / f"rng-rank{self.rank}.pt", weights_only=False)
+        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        return state["client"]
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
