@@ -21,11 +21,9 @@ import pyarrow as pa
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # before this folder: benchmarks/teacher.py must not shadow the teacher package
 
-from opsd.hf import tokenizer_fingerprint  # noqa: E402
-from opsd.schema import ROLLOUT_SCHEMA, TableMetadata, sample_id, with_metadata  # noqa: E402
-from orchestrator.data import load_problems  # noqa: E402
+from bench_tables import synthetic_rollout_table  # noqa: E402
 from teacher.config import TeacherConfig  # noqa: E402
 from teacher.scorer import TeacherScorer  # noqa: E402
 from teacher.topk import compress_logits  # noqa: E402
@@ -33,22 +31,8 @@ from teacher.topk import compress_logits  # noqa: E402
 TEACHER_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob", "teacher_token_logprob")
 
 
-def rollout_table(scorer: TeacherScorer, rows: int, response_tokens: int, seed: int = 0) -> pa.Table:
-    """GSM8K problems with random traces of a fixed length (the teacher's cost does not depend on their content)."""
-    problems, _ = load_problems(REPO_ROOT / "data" / "gsm8k" / "train-1k.jsonl", "gsm8k", limit=rows)
-    g = torch.Generator().manual_seed(seed)
-    vocab = len(scorer.tokenizer)
-    records = []
-    for i, row in enumerate(problems.to_pylist()):
-        response = torch.randint(0, vocab, (response_tokens,), generator=g).tolist()
-        records.append({
-            "sample_id": sample_id(row["id"], 0, 0), "problem": row["problem"], "solution": row["solution"],
-            "answer": row["answer"], "prompt_ids": scorer.builder.student_prompt_ids(row["problem"]),
-            "response_ids": response, "response_logprobs": [0.0] * response_tokens, "finish_reason": "length",
-            "policy_version": 0,
-        })
-    meta = TableMetadata("bench", tokenizer_fingerprint(scorer.tokenizer), scorer.metadata.vocab_size)
-    return with_metadata(pa.Table.from_pylist(records, schema=ROLLOUT_SCHEMA), meta)
+def rollout_table(scorer: TeacherScorer, rows: int, response_tokens: int) -> pa.Table:
+    return synthetic_rollout_table(scorer.builder, scorer.metadata.vocab_size, "bench", rows, response_tokens)
 
 
 @torch.inference_mode()
