@@ -5,6 +5,7 @@
     opsd data check FILE --mapping gsm8k       load and validate a dataset, print what was kept
     opsd config show [--config FILE] [k=v ...] the resolved config, as YAML
     opsd prompts [--config FILE] [k=v ...]     the first student and teacher prompts, with token counts
+    opsd train --config FILE [k=v ...]         train (embedded Ray, or the cluster at RAY_ADDRESS)
     opsd quickstart                            what `make quickstart` runs
 
 Each subcommand is a small function; the work lives in the modules they call.
@@ -74,6 +75,15 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.train import train
+
+    run_dir = train(load_config(args.config, args.overrides))
+    print(f"opsd: done; outputs in {run_dir}")
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from orchestrator.quickstart import run_quickstart
 
@@ -127,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     prompts = with_config(commands.add_parser("prompts", help="print the first student and teacher prompts"))
     prompts.add_argument("--rows", type=int, default=1, help="how many rows to show")
     prompts.set_defaults(func=_cmd_prompts)
+
+    with_config(commands.add_parser("train", help="train with OPSD on Ray")).set_defaults(func=_cmd_train)
 
     quick = with_config(commands.add_parser("quickstart", help="what `make quickstart` runs"))
     quick.add_argument("--models-dir", default="models", help="where offline models are built once and reused")

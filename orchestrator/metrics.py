@@ -1,0 +1,88 @@
+"""Per-step metrics: to Ray's metrics endpoint (the dashboard's views, Prometheus) and to ``metrics.jsonl``.
+
+Every step produces one flat record. Each numeric field of it is exported as a Ray gauge named ``opsd_<field>``
+(Ray adds its ``ray_`` prefix at the endpoint), with per-stage values as one gauge and a ``stage`` tag, and the whole
+record is appended to ``<run_dir>/metrics.jsonl`` and flushed, so a plot or a test can read it while the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+# name -> description, for the gauges of the dashboard
+GAUGES: dict[str, str] = {
+    "step": "Training step just finished",
+    "loss": "Token-level mean distillation loss of the step (clipped divergences)",
+    "gjs": "Mean generalized Jensen-Shannon divergence per response token",
+    "grad_norm": "Global gradient norm before clipping",
+    "learning_rate": "Learning rate of the step",
+    "step_seconds": "Wall time of the step",
+    "adapter_sync_seconds": "Time to export the adapter and load it on every rollout worker",
+    "policy_staleness": "Mean adapter versions between the rollout's policy and the learner's",
+    "rows_in_flight": "Rows generated or scored but not yet trained on",
+    "rollout_length_mean": "Mean response length in tokens",
+    "truncation_rate": "Fraction of responses cut at the token budget",
+    "skipped_rows": "Rows left out of the step (over-long prompts or contexts)",
+}
+STAGE_GAUGES: dict[str, str] = {
+    "tokens_per_second": "Tokens per second of a stage",
+    "stage_seconds": "Seconds a stage took in the step",
+}
+STAGES = ("rollout", "teacher", "learner")
+
+
+class MetricsSink:
+    """Writes each step's record to ``metrics.jsonl`` and, when Ray is up, to its metrics endpoint."""
+
+    def __init__(self, run_dir: str | os.PathLike, export_to_ray: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._gauges: dict[str, Any] = {}
+        if export_to_ray:
+            self._make_gauges()
+
+    def _make_gauges(self) -> None:
+        import ray
+        from ray.util.metrics import Gauge
+
+        if not ray.is_initialized():
+            return
+        for name, description in GAUGES.items():
+            self._gauges[name] = Gauge(f"opsd_{name}", description=description)
+        for name, description in STAGE_GAUGES.items():
+            self._gauges[name] = Gauge(f"opsd_{name}", description=description, tag_keys=("stage",))
+
+    def record(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, sort_keys=True, default=_jsonable) + "\n")
+        self._file.flush()
+        for name, gauge in self._gauges.items():
+            if name in STAGE_GAUGES:
+                for stage in STAGES:
+                    value = record.get(f"{name}/{stage}")
+                    if _is_number(value):
+                        gauge.set(float(value), tags={"stage": stage})
+            elif _is_number(record.get(name)):
+                gauge.set(float(record[name]))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)

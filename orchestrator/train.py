@@ -1,0 +1,242 @@
+"""The OPSD training loop on Ray: rollout -> teacher -> learner -> adapter push, one step after another.
+
+    opsd train --config recipes/tiny-cpu.yaml [key=value ...]
+    ray job submit --working-dir . -- python -m orchestrator.train --config recipes/tiny-cpu.yaml
+
+With no cluster address (``placement.address`` / ``RAY_ADDRESS``) an embedded single-node Ray starts on 127.0.0.1
+with its dashboard; otherwise the job attaches to the cluster. The orchestrator moves tables and object refs; all
+model work happens in the stage actors:
+
+    problems (EpochSampler) -> RolloutWorker actors (vLLM, policy vN)  -> rollout table
+                            -> TeacherScorer actors (frozen base + solution) -> scored table   [not for kind 'full']
+                            -> LearnerGroup (DeepSpeed LoRA, GJS)      -> adapter vN+1 -> every RolloutWorker
+
+``train.max_staleness`` 0 (the paper): the rollouts of step n+1 start after adapter n+1 is loaded. 1: they start
+right after the rollouts of step n, on adapter n, and overlap the teacher and learner of step n.
+Outputs go to ``train.run_dir``: ``config.yaml``, ``metrics.jsonl``, ``adapters/vN/`` (PEFT directories),
+``checkpoints/step-N/``, ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Embedded clusters keep every Ray listener on 127.0.0.1. Ray reads this at import, so it is set before any import
+# of ray; a job attached to a real cluster (RAY_ADDRESS set) keeps Ray's own default.
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Iterator, Sequence  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import ray  # noqa: E402
+
+from learner.group import FullTeacherSettings, LearnerGroup  # noqa: E402
+from opsd.adapter import write_adapter_dir  # noqa: E402
+from orchestrator.config import OPSDConfig, load_config, save_config  # noqa: E402
+from orchestrator.data import load_dataset  # noqa: E402
+from orchestrator.metrics import MetricsSink  # noqa: E402
+from orchestrator.sampler import EpochSampler  # noqa: E402
+from rollout.actor import load_adapter_on_all, start_rollout_actors  # noqa: E402
+from rollout.resources import ModelSpec  # noqa: E402
+from rollout.sharding import merge_tables, shard_rows  # noqa: E402
+from rollout.table import rollout_stats  # noqa: E402
+from teacher.actor import TeacherActor  # noqa: E402
+
+
+@dataclass
+class Stages:
+    rollout: list
+    teachers: list
+    learner: LearnerGroup
+
+    def shutdown(self) -> None:
+        self.learner.shutdown()
+        for actor in self.rollout + self.teachers:
+            ray.kill(actor)
+
+
+@contextmanager
+def ray_session(cfg: OPSDConfig, logical_cpus: int) -> Iterator[str]:
+    """Attach to ``placement.address`` / ``RAY_ADDRESS``, or start an embedded Ray on 127.0.0.1 (dashboard on)."""
+    address = cfg.placement.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():  # e.g. a caller (test, notebook) that runs its own cluster
+        yield "existing"
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=logical_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1")
+    try:
+        yield address or "embedded"
+    finally:
+        ray.shutdown()
+
+
+def cpu_mode(cfg: OPSDConfig) -> bool:
+    return cfg.placement.mode == "cpu" or (cfg.placement.mode == "auto" and cfg.rollout.gpus_per_worker == 0)
+
+
+def logical_cpus(cfg: OPSDConfig) -> int:
+    """CPUs an embedded cluster declares. On CPU the stages run one after another and time-share the cores, so each
+    actor gets its own logical CPUs and the declared total may exceed the physical cores."""
+    cores = os.cpu_count() or 1
+    teachers = cfg.teacher.num_workers if cfg.learner.loss.kind != "full" else 0
+    return max(cores, cores + teachers + cfg.learner.num_workers)
+
+
+def start_stages(cfg: OPSDConfig, total_steps: int) -> Stages:
+    model = cfg.model
+    on_cpu = cpu_mode(cfg)
+    rollout = start_rollout_actors(
+        ModelSpec(model.path, model.tokenizer, model.revision, model.trust_remote_code, model.dtype), cfg.rollout,
+        cfg.prompt)
+    teachers = []
+    if cfg.learner.loss.kind != "full":
+        options = {"num_cpus": 1, "num_gpus": 0 if on_cpu else cfg.teacher.gpus_per_worker}
+        teachers = [TeacherActor.options(**options).remote(
+            model.path, cfg.teacher, temperature=cfg.learner.loss.temperature, prompt=cfg.prompt,
+            tokenizer_path=model.tokenizer, revision=model.revision, trust_remote_code=model.trust_remote_code,
+            device="cpu" if on_cpu else None) for _ in range(cfg.teacher.num_workers)]
+        ray.get([t.__ray_ready__.remote() for t in teachers], timeout=cfg.placement.placement_timeout_s)
+    learner = LearnerGroup(
+        model.path, cfg.learner, total_steps=total_steps, seed=cfg.train.seed, expected_top_k=cfg.teacher.top_k,
+        full_teacher=FullTeacherSettings(cfg.prompt, cfg.teacher.max_context_tokens or 32_768, cfg.teacher.on_overlength),
+        tokenizer_path=model.tokenizer, revision=model.revision, trust_remote_code=model.trust_remote_code,
+        actor_options={"num_cpus": 1, "num_gpus": 0 if on_cpu else cfg.learner.gpus_per_worker},
+        timeout_s=cfg.placement.placement_timeout_s,
+    )
+    return Stages(rollout, teachers, learner)
+
+
+def launch_rollouts(stages: Stages, problems: pa.Table) -> list:
+    return [actor.generate.remote(shard) for actor, shard in zip(stages.rollout, shard_rows(problems, len(stages.rollout)))]
+
+
+def score(stages: Stages, rollouts: pa.Table, timeout_s: float) -> tuple[pa.Table, dict[str, int], float]:
+    """Teacher columns for every row (sharded over the teacher actors); rows the teacher skips are counted."""
+    if not stages.teachers:
+        return rollouts, {}, 0.0
+    shards = [s for s in shard_rows(rollouts, len(stages.teachers)) if s.num_rows]
+    results = ray.get([t.score.remote(s) for t, s in zip(stages.teachers, shards)], timeout=timeout_s)
+    skipped: dict[str, int] = {}
+    for r in results:
+        for reason, count in r.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    tokens = sum(r.tokens for r in results)
+    return merge_tables([r.table for r in results]), skipped, tokens
+
+
+def train(cfg: OPSDConfig, print_fn=print) -> Path:
+    """Run the whole training job; returns the run directory."""
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    problems, report = load_dataset(cfg.data, required=("problem", "solution"))  # bad input fails before any actor
+    sampler = EpochSampler(problems, cfg.train.prompts_per_step, cfg.train.seed)
+    total_steps = cfg.train.steps or cfg.train.epochs * sampler.steps_per_epoch
+    print_fn(f"opsd: {report.rows_kept} problems from {report.path}; {total_steps} steps of "
+             f"{cfg.train.prompts_per_step} prompts; loss {cfg.learner.loss.kind}; run dir {run_dir}")
+    timeout = cfg.placement.placement_timeout_s
+    with ray_session(cfg, logical_cpus(cfg)) as where:
+        print_fn(f"opsd: Ray {where}; dashboard {ray_dashboard_url()}")
+        stages = start_stages(cfg, total_steps)
+        sink = MetricsSink(run_dir)
+        try:
+            pending = launch_rollouts(stages, sampler.next_batch())
+            for step in range(total_steps):
+                started = time.perf_counter()
+                rollouts = merge_tables(ray.get(pending, timeout=timeout))
+                rollout_seconds = time.perf_counter() - started
+                last = step == total_steps - 1
+                if cfg.train.max_staleness == 1 and not last:
+                    pending = launch_rollouts(stages, sampler.next_batch())  # overlaps teacher + learner of this step
+                t0 = time.perf_counter()
+                scored, teacher_skipped, teacher_tokens = score(stages, rollouts, timeout)
+                teacher_seconds = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                learned = stages.learner.train_step(scored)
+                learner_seconds = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                payload = stages.learner.export_adapter()
+                if not learned.skipped:
+                    load_adapter_on_all(stages.rollout, payload.version, ray.put(payload))
+                sync_seconds = time.perf_counter() - t0
+                if cfg.train.max_staleness == 0 and not last:
+                    pending = launch_rollouts(stages, sampler.next_batch())
+                record = step_record(step, sampler, rollouts, learned, teacher_skipped, teacher_tokens,
+                                     dict(rollout=rollout_seconds, teacher=teacher_seconds, learner=learner_seconds),
+                                     sync_seconds, time.perf_counter() - started, stages.learner.version)
+                sink.record(record)
+                print_fn(progress_line(record, total_steps))
+                every = cfg.train.checkpoint_every
+                if (every and (step + 1) % every == 0) or last:
+                    write_adapter_dir(payload, run_dir / "adapters" / f"v{payload.version}")
+                if every and (step + 1) % every == 0:
+                    stages.learner.save_checkpoint(run_dir / "checkpoints" / f"step-{step + 1}",
+                                                   {"cursor": sampler.cursor.__dict__})
+        finally:
+            sink.close()
+            stages.shutdown()
+    summary = {"steps": total_steps, "final_adapter_version": stages.learner.version, "run_dir": str(run_dir)}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return run_dir
+
+
+def step_record(step, sampler, rollouts, learned, teacher_skipped, teacher_tokens, seconds, sync_seconds, total,
+                adapter_version):
+    stats = rollout_stats(rollouts)
+    lengths = pc.list_value_length(rollouts.column("response_ids")).to_pylist() or [0]
+    versions = set(rollouts.column("policy_version").to_pylist())
+    record = {
+        "step": step + 1, "epoch": sampler.cursor.epoch, "loss": learned.loss, "gjs": learned.gjs,
+        "grad_norm": learned.grad_norm, "learning_rate": learned.lr, "tokens": learned.tokens,
+        "rows": rollouts.num_rows, "skipped": learned.skipped, "skip_reason": learned.skip_reason,
+        "skipped_rows": stats.skipped + sum(teacher_skipped.values()) + sum(learned.skipped_rows.values()),
+        "sample_ids": rollouts.column("sample_id").to_pylist(), "policy_versions": sorted(versions),
+        "policy_staleness": learned.staleness_mean, "step_seconds": total, "adapter_sync_seconds": sync_seconds,
+        "rollout_length_mean": sum(lengths) / len(lengths),
+        "truncation_rate": stats.truncated / max(stats.samples, 1), "rows_in_flight": 0,
+        "adapter_version": adapter_version,
+    }
+    stage_tokens = {"rollout": stats.generated_tokens, "teacher": teacher_tokens, "learner": learned.tokens}
+    for stage, secs in seconds.items():
+        record[f"stage_seconds/{stage}"] = secs
+        record[f"tokens_per_second/{stage}"] = stage_tokens[stage] / secs if secs > 0 else 0.0
+    return record
+
+
+def progress_line(r: dict, total_steps: int) -> str:
+    return (f"step {r['step']}/{total_steps} | loss {r['loss']:.5f} | gjs {r['gjs']:.5f} | "
+            f"tok/s rollout {r['tokens_per_second/rollout']:,.0f} teacher {r['tokens_per_second/teacher']:,.0f} "
+            f"learner {r['tokens_per_second/learner']:,.0f} | {r['step_seconds']:.1f} s"
+            + (f" | skipped: {r['skip_reason']}" if r["skipped"] else ""))
+
+
+def ray_dashboard_url() -> str:
+    try:
+        return "http://" + ray.get_runtime_context().gcs_address.split(":")[0] + ":8265"
+    except Exception:  # noqa: BLE001 - informative only
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="opsd train", description="Train with OPSD (see orchestrator/train.py).")
+    parser.add_argument("--config", default=None, help="YAML config (recipes/ has examples)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    train(load_config(args.config, args.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
