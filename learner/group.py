@@ -148,24 +148,12 @@ class LearnerGroup:
             self.step_count += 1
             return GroupStepMetrics(loss=float("nan"), gjs=float("nan"), tokens=0, grad_norm=float("nan"), lr=0.0,
                                     skipped=True, skip_reason=f"non-finite teacher values in {bad[:3]}", **base)
-        contexts, skipped_rows = None, {}
-        if kind == "full":
-            plan = build_contexts(self.builder, table.column("problem").to_pylist(),
-                                  table.column("solution").to_pylist(), table.column("response_ids").to_pylist(),
-                                  self.full_teacher.max_context_tokens, self.full_teacher.on_overlength)
-            contexts = [None] * table.num_rows
-            for context in plan.contexts:
-                contexts[context.row] = context
-            skipped_rows = plan.skipped
-        rows = rows_from_table(table, kind, contexts)
-        global_tokens = sum(r.response_length for r in rows)
+        micro, global_tokens, skipped_rows = self._micro_batches(table)
         if global_tokens == 0:
             self.step_count += 1
             return GroupStepMetrics(loss=float("nan"), gjs=float("nan"), tokens=0, grad_norm=float("nan"), lr=0.0,
                                     skipped=True, skip_reason="empty step: no response tokens to train on",
                                     skipped_rows=skipped_rows, **base)
-        shards = split_over_ranks(rows, len(self.actors))
-        micro = [pack_micro_batches(shard, self.config.micro_batch_tokens, self.pad_id, kind) for shard in shards]
         num_micro = max(1, max(len(m) for m in micro))
         prepare = time.perf_counter() - start
         results: list[StepMetrics] = ray.get(
@@ -192,6 +180,32 @@ class LearnerGroup:
             skipped_rows=skipped_rows,
             **base,
         )
+
+    def _micro_batches(self, table: pa.Table):
+        """Per-rank micro-batches of a checked table, the global response-token count, and rows left out."""
+        kind = self.config.loss.kind
+        contexts, skipped_rows = None, {}
+        if kind == "full":
+            plan = build_contexts(self.builder, table.column("problem").to_pylist(),
+                                  table.column("solution").to_pylist(), table.column("response_ids").to_pylist(),
+                                  self.full_teacher.max_context_tokens, self.full_teacher.on_overlength)
+            contexts = [None] * table.num_rows
+            for context in plan.contexts:
+                contexts[context.row] = context
+            skipped_rows = plan.skipped
+        rows = rows_from_table(table, kind, contexts)
+        shards = split_over_ranks(rows, len(self.actors))
+        micro = [pack_micro_batches(shard, self.config.micro_batch_tokens, self.pad_id, kind) for shard in shards]
+        return micro, sum(r.response_length for r in rows), skipped_rows
+
+    def evaluate(self, table: pa.Table) -> float:
+        """Mean GJS per response token of ``table`` under the current adapter (no update): the held-out metric."""
+        self.check(table)
+        micro, tokens, _ = self._micro_batches(table)
+        num_micro = max(1, max(len(m) for m in micro))
+        results = ray.get([a.call.remote("evaluate", micro[r], num_micro) for r, a in enumerate(self.actors)],
+                          timeout=self.timeout_s)
+        return sum(total for total, _ in results) / max(tokens, 1)
 
     # ------------------------------------------------------------------------------------------------------------
     def export_adapter(self, version: int | None = None) -> AdapterPayload:

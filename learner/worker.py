@@ -211,6 +211,35 @@ class LearnerWorker:
         metrics.seconds = timings
         return metrics
 
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[MicroBatch], num_micro_batches: int) -> tuple[float, int]:
+        """Sum of per-token divergences and token count under the current adapter, no update. All ranks must call
+        it with the same ``num_micro_batches`` (ZeRO-3 gathers weights in the forwards)."""
+        import deepspeed
+
+        from learner.batch import empty_micro_batch
+
+        self.engine.eval()
+        lm_head, loss = self._lm_head(), self.config.loss
+        total, tokens = 0.0, 0
+        batches = list(micro_batches) + [empty_micro_batch(self.pad_id)] * (num_micro_batches - len(micro_batches))
+        for batch in batches:
+            batch = batch.to(self.device)
+            if batch.num_tokens == 0:
+                if loss.kind == "full":
+                    self._decoder()(input_ids=batch.input_ids)
+                self._decoder()(input_ids=batch.input_ids)
+                continue
+            hidden = self._decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            teacher = self._teacher(batch, lm_head)
+            with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), enabled=self.config.zero_stage == 3):
+                out = gjs_loss(hidden.last_hidden_state[batch.response_mask], lm_head.weight, teacher, kind=loss.kind,
+                               beta=loss.beta, temperature=loss.temperature, bias=getattr(lm_head, "bias", None),
+                               chunk_size=loss.chunk_size)
+            total += float(out.divergence_sum)
+            tokens += out.num_tokens
+        return total, tokens
+
     def _teacher(self, batch: MicroBatch, lm_head: torch.nn.Module):
         t = batch.teacher
         kind = self.config.loss.kind

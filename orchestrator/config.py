@@ -122,7 +122,15 @@ class TrainConfig:
             "1 overlaps the rollouts of step n+1 with the learning of step n."
         },
     )
-    eval_every: int = field(default=0, metadata={"doc": "Evaluate every N steps. 0: off."})
+    eval_every: int = field(
+        default=0, metadata={"doc": "Held-out GJS every N steps (and always before and after training). 0: only "
+                             "before and after."}
+    )
+    eval_rows: int = field(
+        default=0,
+        metadata={"doc": "Problems held out of training (the data's last rows): their traces, sampled once from the "
+                  "initial model and scored once, give the held-out GJS. 0: no held-out evaluation."},
+    )
     checkpoint_every: int = field(default=0, metadata={"doc": "Write a checkpoint every N steps. 0: off."})
     seed: int = field(default=0, metadata={"doc": "Seed of the learner and of everything not seeded elsewhere."})
     run_dir: str = field(
@@ -135,6 +143,7 @@ class TrainConfig:
         check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         check(self.max_staleness in (0, 1), "max_staleness", f"must be 0 or 1, got {self.max_staleness}")
         check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0 is off), got {self.eval_every}")
+        check(self.eval_rows >= 0, "eval_rows", f"must be >= 0 (0 is off), got {self.eval_rows}")
         check(
             self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0 (0 is off), got {self.checkpoint_every}"
         )

@@ -27,6 +27,7 @@ GAUGES: dict[str, str] = {
     "rollout_length_mean": "Mean response length in tokens",
     "truncation_rate": "Fraction of responses cut at the token budget",
     "skipped_rows": "Rows left out of the step (over-long prompts or contexts)",
+    "heldout_gjs": "Mean GJS per token on the held-out traces (when evaluated)",
 }
 STAGE_GAUGES: dict[str, str] = {
     "tokens_per_second": "Tokens per second of a stage",

@@ -142,6 +142,13 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     problems, report = load_dataset(cfg.data, required=("problem", "solution"))  # bad input fails before any actor
+    held_out = None
+    if cfg.train.eval_rows:
+        if cfg.train.eval_rows >= problems.num_rows:
+            raise ValueError(f"train.eval_rows={cfg.train.eval_rows} leaves no training rows of {problems.num_rows}")
+        held_out = EpochSampler(problems.slice(problems.num_rows - cfg.train.eval_rows), cfg.train.eval_rows,
+                                seed=0).next_batch()
+        problems = problems.slice(0, problems.num_rows - cfg.train.eval_rows)
     sampler = EpochSampler(problems, cfg.train.prompts_per_step, cfg.train.seed)
     total_steps = cfg.train.steps or cfg.train.epochs * sampler.steps_per_epoch
     print_fn(f"opsd: {report.rows_kept} problems from {report.path}; {total_steps} steps of "
@@ -151,7 +158,14 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
         print_fn(f"opsd: Ray {where}; dashboard {ray_dashboard_url()}")
         stages = start_stages(cfg, total_steps)
         sink = MetricsSink(run_dir)
+        evaluations = {}
         try:
+            held_table = None
+            if held_out is not None:  # traces of the initial policy, scored once: the same table before and after
+                held_rollouts = merge_tables(ray.get(launch_rollouts(stages, held_out), timeout=timeout))
+                held_table = score(stages, held_rollouts, timeout)[0]
+                evaluations[0] = stages.learner.evaluate(held_table)
+                print_fn(f"opsd: held-out GJS before training: {evaluations[0]:.5f} ({held_table.num_rows} traces)")
             pending = launch_rollouts(stages, sampler.next_batch())
             for step in range(total_steps):
                 started = time.perf_counter()
@@ -176,6 +190,8 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                 record = step_record(step, sampler, rollouts, learned, teacher_skipped, teacher_tokens,
                                      dict(rollout=rollout_seconds, teacher=teacher_seconds, learner=learner_seconds),
                                      sync_seconds, time.perf_counter() - started, stages.learner.version)
+                if held_table is not None and (last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
+                    evaluations[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(held_table)
                 sink.record(record)
                 print_fn(progress_line(record, total_steps))
                 every = cfg.train.checkpoint_every
@@ -187,7 +203,11 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
         finally:
             sink.close()
             stages.shutdown()
-    summary = {"steps": total_steps, "final_adapter_version": stages.learner.version, "run_dir": str(run_dir)}
+    summary = {"steps": total_steps, "final_adapter_version": stages.learner.version, "run_dir": str(run_dir),
+               "heldout_gjs": evaluations}
+    if evaluations:
+        first, final = evaluations[0], evaluations[max(evaluations)]
+        print_fn(f"opsd: held-out GJS {first:.5f} before, {final:.5f} after ({(final - first) / first:+.1%})")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return run_dir
 
