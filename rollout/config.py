@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from opsd.configlib import check
+
+# LoRA ranks a vLLM engine can be built for (vllm.config.lora.MaxLoRARanks). An adapter of any rank up to the
+# engine's maximum loads: vLLM pads smaller ranks.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass
@@ -32,7 +37,10 @@ class RolloutConfig:
     )
     cpu_threads_per_worker: int | None = field(
         default=None,
-        metadata={"doc": "CPU cores bound to each engine on CPU. None: the machine's cores split evenly."},
+        metadata={
+            "doc": "CPU cores bound to each engine on CPU (worker i gets the i-th block of that many cores of the "
+            "machine). None: the machine's cores split evenly over num_workers."
+        },
     )
     max_response_tokens: int = field(
         default=2048, metadata={"doc": "Most tokens sampled per trace (the paper uses 2,048)."}
@@ -43,7 +51,13 @@ class RolloutConfig:
     top_p: float = field(default=1.0, metadata={"doc": "Nucleus sampling probability mass, in (0, 1]; 1 is off."})
     top_k: int = field(default=-1, metadata={"doc": "Sample among the k most likely tokens; -1 is off."})
     n: int = field(default=1, metadata={"doc": "Rollouts sampled per prompt (the paper uses 1)."})
-    seed: int = field(default=0, metadata={"doc": "Sampling seed of the engines (each worker offsets it)."})
+    seed: int = field(
+        default=0,
+        metadata={
+            "doc": "Sampling seed. Each trace's random stream is derived from (seed, sample_id), so a row gives the "
+            "same trace whatever worker, batch or shard it lands in (and when it is re-dispatched)."
+        },
+    )
     enforce_eager: bool = field(
         default=True,
         metadata={"doc": "Run vLLM without CUDA graphs / compilation: faster start, slower decoding on GPU."},
@@ -51,6 +65,21 @@ class RolloutConfig:
     max_model_len: int | None = field(
         default=None,
         metadata={"doc": "Longest prompt + response an engine holds, in tokens. None: the model's own maximum."},
+    )
+    max_lora_rank: int = field(
+        default=64,
+        metadata={
+            "doc": "Largest LoRA rank the engines accept (the paper's recipe trains r=64). One of "
+            + ", ".join(map(str, VLLM_MAX_LORA_RANKS))
+            + " (vLLM's choices); adapters of a smaller rank load too."
+        },
+    )
+    on_long_prompt: Literal["error", "skip"] = field(
+        default="error",
+        metadata={
+            "doc": "A student prompt longer than max_model_len - max_response_tokens: 'error' rejects the batch "
+            "before generating, naming the sample ids; 'skip' leaves those rows out and counts them."
+        },
     )
 
     def validate(self) -> None:
@@ -82,6 +111,11 @@ class RolloutConfig:
         check(self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {self.top_k}")
         check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
         check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        check(
+            self.max_lora_rank in VLLM_MAX_LORA_RANKS,
+            "max_lora_rank",
+            f"must be one of {', '.join(map(str, VLLM_MAX_LORA_RANKS))} (vLLM's choices), got {self.max_lora_rank}",
+        )
         if self.max_model_len is not None:
             # The engine must hold a prompt and a full-length response.
             check(

@@ -1,0 +1,244 @@
+"""Rollout throughput: the RolloutWorker (vLLM) against HF ``generate``, and adapter hot-load time.
+
+    python benchmarks/rollout.py                    # SmolLM2-135M-Instruct (imported into models/ if missing)
+    python benchmarks/rollout.py --model tiny       # the tiny random Qwen3 (real 151,936 vocabulary)
+    python benchmarks/rollout.py --model DIR --prompts 64 --max-tokens 512
+
+One run, one model, the same prompts (the first P GSM8K test problems as chat-templated student prompts), the same
+response budget, four decodings: the paper recipe's sampling (temperature 1.1, top_p 0.95, top_k 20), temperature
+1.1 alone, greedy, and the recipe again with a random rank-R LoRA adapter on all linear layers loaded (the rollout
+stage's situation after the first training step).
+
+  HF generate        one left-padded batch of P prompts; tokens only (no log-probs); PEFT (unmerged) for the adapter
+  RolloutWorker      ``generate``: n = 1, per-trace seeds, the sampled token's log-prob for every token (what the
+                     rollout stage returns)
+  adapter load       a random LoRA (rank R on all linear layers) as payload bytes -> ``load_adapter`` -> the first
+                     generate with it (one prompt, one token); median over several versions
+
+Tokens are counted as generated (through EOS when a trace stops). Both sides run float32 on the same cores; the
+engine is started after the HF runs, in this process (vLLM's in-process CPU engine, bound to all usable cores).
+Each throughput is the median of ``--repeats`` timed runs after a short warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+GSM8K_TEST = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+SMOLLM2_DIR = REPO_ROOT / "models" / "smollm2-135m-instruct"
+TEMPERATURE, TOP_P, TOP_K = 1.1, 0.95, 20
+# name -> (temperature, top_p, top_k, with the LoRA adapter); top_k -1 is off
+DECODINGS = {
+    "sampling, recipe (T 1.1, top_p 0.95, top_k 20)": (TEMPERATURE, TOP_P, TOP_K, False),
+    "sampling, temperature 1.1 only": (TEMPERATURE, 1.0, -1, False),
+    "greedy": (0.0, 1.0, -1, False),
+    "sampling, recipe, LoRA adapter loaded": (TEMPERATURE, TOP_P, TOP_K, True),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a model directory")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--lora-rank", type=int, default=64)
+    parser.add_argument("--adapter-versions", type=int, default=5)
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0)
+    return parser.parse_args()
+
+
+def resolve_model(name: str, scratch: Path) -> Path:
+    if name == "tiny":
+        from orchestrator.offline_models import build_tiny_qwen3
+
+        return build_tiny_qwen3(scratch / "tiny-qwen3")
+    if name == "smollm2":
+        if not SMOLLM2_DIR.is_dir():
+            from orchestrator.offline_models import import_gguf
+
+            import_gguf(SMOLLM2_DIR)
+        return SMOLLM2_DIR
+    return Path(name)
+
+
+def gsm8k_problems(count: int):
+    import pyarrow as pa
+
+    from opsd.schema import PROBLEM_SCHEMA, sample_id
+
+    with open(GSM8K_TEST) as f:
+        rows = [json.loads(line) for _, line in zip(range(count), f)]
+    return pa.table({"sample_id": [sample_id(f"gsm8k-test-{i}", 0, 0) for i in range(len(rows))],
+                     "problem": [r["question"] for r in rows], "solution": [r["answer"] for r in rows],
+                     "answer": [None] * len(rows)}, schema=PROBLEM_SCHEMA)
+
+
+def timed(fn, repeats: int, warm_up) -> tuple[float, object]:
+    warm_up()
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+# -- HF baseline ---------------------------------------------------------------------------------------------------
+def hf_throughputs(model_dir: Path, adapter_dir: Path, prompts: list[list[int]], max_tokens: int, repeats: int
+                   ) -> dict[str, tuple[float, int]]:
+    """``{decoding: (seconds, tokens)}`` of HF ``generate`` on one left-padded batch (PEFT, unmerged, for the
+    adapter rows)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with_adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir).eval()
+    eos = base.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    pad = base.generation_config.pad_token_id
+    pad = pad if pad is not None else next(iter(eos))
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def generate(temperature: float, top_p: float, top_k: int, adapter: bool, new_tokens: int) -> int:
+        torch.manual_seed(0)
+        model = with_adapter if adapter else base
+        options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=max(top_k, 0))  # 0: off
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=pad,
+                                 **(options if temperature > 0 else dict(do_sample=False)))
+        tokens = 0
+        for row in out[:, width:].tolist():
+            stop = next((i for i, t in enumerate(row) if t in eos), None)
+            tokens += len(row) if stop is None else stop + 1
+        return tokens
+
+    results = {}
+    for name, (temperature, top_p, top_k, adapter) in DECODINGS.items():
+        results[name] = timed(lambda: generate(temperature, top_p, top_k, adapter, max_tokens), repeats,
+                              lambda: generate(temperature, top_p, top_k, adapter, 4))
+    return results
+
+
+# -- RolloutWorker ------------------------------------------------------------------------------------------------
+def make_adapter_payload(model_dir: Path, rank: int, scratch: Path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from opsd.adapter import read_adapter_dir
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.01)
+    peft_model.save_pretrained(scratch / "adapter")
+    return scratch / "adapter", read_adapter_dir(scratch / "adapter", version=1)
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    from opsd.hf import load_tokenizer
+    from opsd.prompts import PromptBuilder
+    from rollout.config import RolloutConfig
+    from rollout.resources import ModelSpec
+    from rollout.worker import RolloutWorker, Sampling
+
+    cores = sorted(os.sched_getaffinity(0))
+    torch.set_num_threads(len(cores))
+    scratch = Path(tempfile.mkdtemp(prefix="opsd-bench-rollout-"))
+    model_dir = resolve_model(args.model, scratch)
+    problems = gsm8k_problems(args.prompts)
+    builder = PromptBuilder(load_tokenizer(str(model_dir)))
+    prompts = [builder.student_prompt_ids(p) for p in problems.column("problem").to_pylist()]
+    adapter_dir, payload = make_adapter_payload(model_dir, args.lora_rank, scratch)
+
+    hf = hf_throughputs(model_dir, adapter_dir, prompts, args.max_tokens, args.repeats)
+
+    config = RolloutConfig(gpus_per_worker=0, cpu_kv_cache_gib=args.kv_cache_gib, max_response_tokens=args.max_tokens,
+                           temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K, max_lora_rank=args.lora_rank,
+                           max_model_len=max(len(p) for p in prompts) + args.max_tokens + 64)
+    worker = RolloutWorker(ModelSpec(str(model_dir)), config)
+    info = worker.info()
+    warm_batch = problems.slice(0, 2)
+
+    def tokens_of(sampling: Sampling, batch) -> int:
+        return sum(len(r) for r in worker.generate(batch, sampling).column("response_ids").to_pylist())
+
+    vllm = {}
+    for name, (temperature, top_p, top_k, adapter) in DECODINGS.items():
+        if adapter and worker.policy_version() == 0:
+            worker.load_adapter(1, payload)
+        elif not adapter and worker.policy_version() != 0:
+            worker.load_adapter(0)
+        sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, n=1, max_tokens=args.max_tokens,
+                            seed=0)
+        vllm[name] = timed(lambda: tokens_of(sampling, problems), args.repeats,
+                           lambda: tokens_of(replace(sampling, max_tokens=4), warm_batch))
+
+    one = problems.slice(0, 1)
+    first_token = Sampling(temperature=0.0, top_p=1.0, top_k=-1, n=1, max_tokens=1, seed=0)
+    worker.load_adapter(0)
+    base_first = []
+    for _ in range(args.adapter_versions):
+        start = time.perf_counter()
+        worker.generate(one, first_token)
+        base_first.append(time.perf_counter() - start)
+    loads, firsts = [], []
+    for version in range(2, args.adapter_versions + 2):
+        versioned = type(payload)(version=version, weights=payload.weights, config=payload.config)
+        start = time.perf_counter()
+        worker.load_adapter(version, versioned)
+        loaded = time.perf_counter()
+        worker.generate(one, first_token)
+        loads.append(loaded - start)
+        firsts.append(time.perf_counter() - loaded)
+    worker.close()
+    shutil.rmtree(scratch, ignore_errors=True)
+
+    adapter_mb = len(payload.weights) / 2**20
+    print(f"\nModel {model_dir.name}, float32, {args.prompts} GSM8K prompts "
+          f"({min(map(len, prompts))}-{max(map(len, prompts))} tokens), max {args.max_tokens} new tokens; "
+          f"{len(cores)} cores (engine bound to {info.cpu_cores}); median of {args.repeats} runs after a warm-up.\n")
+    print("| decoding | HF generate tokens/s | RolloutWorker tokens/s | RolloutWorker / HF |")
+    print("|---|---:|---:|---:|")
+    for name in DECODINGS:
+        (hf_seconds, hf_tokens), (vllm_seconds, vllm_tokens) = hf[name], vllm[name]
+        hf_rate, vllm_rate = hf_tokens / hf_seconds, vllm_tokens / vllm_seconds
+        print(f"| {name} | {hf_rate:.0f} ({hf_tokens} tokens, {hf_seconds:.1f} s) | {vllm_rate:.0f} "
+              f"({vllm_tokens} tokens, {vllm_seconds:.1f} s) | {vllm_rate / hf_rate:.2f}x |")
+    med = statistics.median
+    print(f"\nAdapter hot-load: LoRA rank {args.lora_rank} on all linear layers ({adapter_mb:.1f} MiB of safetensors), "
+          f"median of {args.adapter_versions} versions.\n")
+    print("| step | seconds |")
+    print("|---|---:|")
+    print(f"| load_adapter (validate, write, add to the engine) | {med(loads):.3f} |")
+    print(f"| first generate with the new version (1 prompt, 1 token) | {med(firsts):.3f} |")
+    print(f"| payload -> first token with it | {med(l + f for l, f in zip(loads, firsts)):.3f} |")
+    print(f"| same 1-token generate, base model (reference) | {med(base_first):.3f} |")
+    print(f"| engine start (vLLM `LLM(...)` in RolloutWorker, for reference) | {info.engine_start_seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

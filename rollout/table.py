@@ -1,0 +1,156 @@
+"""Rollout rows: sample ids of the n traces of a prompt, their seeds, the rollout table and its statistics.
+
+Sample ids. The orchestrator sends one row per prompt whose ``sample_id`` is ``opsd.schema.sample_id(row, epoch, r)``
+(``"{row}@e{epoch}r{r}"``), naming the first rollout of that prompt (normally r = 0). Trace ``i`` of the ``n`` sampled
+for it gets ``sample_id(row, epoch, r + i)``. So with n = 1 the id comes back unchanged (any string is accepted), and
+with n > 1 the ids stay in the dataset-row / epoch / rollout-index scheme, distinct and stable. With n > 1 an id
+outside the scheme is refused (:class:`opsd.schema.TableError`): there would be no honest way to number its rollouts.
+
+Seeds. Each trace samples from its own random stream, seeded from ``(seed, sample_id)``. A row therefore gives the
+same trace whichever worker, batch or shard it lands in, and again when it is re-dispatched after a worker died.
+
+Statistics. What a call did beyond its rows (rows left out because their prompt was too long, tokens generated,
+generate time) travels with the table, in its schema metadata under ``opsd.rollout``: the table stays the one object
+the orchestrator passes on (an object ref), and :func:`rollout_stats` reads it back anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from opsd.schema import ROLLOUT_FIELDS, TableError, sample_id
+
+STATS_KEY = b"opsd.rollout"
+_SAMPLE_ID_RE = re.compile(r"^(?P<row>.+)@e(?P<epoch>\d+)r(?P<rollout>\d+)$")
+
+
+# -- sample ids and seeds ----------------------------------------------------------------------------------------
+def parse_sample_id(value: str) -> tuple[str, int, int] | None:
+    """``(row, epoch, rollout)`` of an id made by ``opsd.schema.sample_id``; None for any other string."""
+    match = _SAMPLE_ID_RE.match(value)
+    if match is None:
+        return None
+    return match["row"], int(match["epoch"]), int(match["rollout"])
+
+
+def rollout_sample_ids(prompt_id: str, n: int) -> list[str]:
+    """Ids of the ``n`` traces sampled for the prompt row ``prompt_id`` (see the module docstring)."""
+    if n == 1:
+        return [prompt_id]
+    parsed = parse_sample_id(prompt_id)
+    if parsed is None:
+        raise TableError(
+            f"sample {prompt_id!r}: with n = {n} rollouts per prompt the sample id must follow "
+            "opsd.schema.sample_id (ROW@eEPOCHrROLLOUT) so that each rollout gets its own index"
+        )
+    row, epoch, first = parsed
+    return [sample_id(row, epoch, first + i) for i in range(n)]
+
+
+def trace_seed(seed: int, sample: str) -> int:
+    """The random seed of one trace: a stable 63-bit hash of the run's seed and the trace's sample id."""
+    digest = hashlib.sha256(f"{seed}\x00{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# -- statistics --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RolloutStats:
+    """What one generate call (or several, merged) did besides returning rows."""
+
+    prompts: int  # problem rows received
+    samples: int  # rows returned (prompts kept x n)
+    skipped_ids: tuple[str, ...] = ()  # problem rows left out: prompt too long (on_long_prompt = "skip")
+    generated_tokens: int = 0
+    truncated: int = 0  # samples that hit max_tokens (finish_reason "length")
+    generate_seconds: float = 0.0  # wall time of the generate calls, summed over workers
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_ids)
+
+    @classmethod
+    def merge(cls, parts: Sequence[RolloutStats]) -> RolloutStats:
+        return cls(
+            prompts=sum(p.prompts for p in parts),
+            samples=sum(p.samples for p in parts),
+            skipped_ids=tuple(i for p in parts for i in p.skipped_ids),
+            generated_tokens=sum(p.generated_tokens for p in parts),
+            truncated=sum(p.truncated for p in parts),
+            generate_seconds=sum(p.generate_seconds for p in parts),
+        )
+
+
+def with_rollout_stats(table: pa.Table, stats: RolloutStats) -> pa.Table:
+    metadata = dict(table.schema.metadata or {})
+    metadata[STATS_KEY] = json.dumps(asdict(stats), sort_keys=True).encode()
+    return table.replace_schema_metadata(metadata)
+
+
+def rollout_stats(table: pa.Table) -> RolloutStats:
+    raw = (table.schema.metadata or {}).get(STATS_KEY)
+    if raw is None:
+        raise TableError("table has no rollout statistics (it was not made by a RolloutWorker)")
+    data = json.loads(raw)
+    data["skipped_ids"] = tuple(data["skipped_ids"])
+    return RolloutStats(**data)
+
+
+# -- the table ---------------------------------------------------------------------------------------------------
+def check_no_rollout_columns(problems: pa.Table) -> None:
+    """A problem table must not carry rollout columns already: the worker writes them (a table that went through a
+    rollout once is a rollout table, not a batch of problems)."""
+    present = [f.name for f in ROLLOUT_FIELDS if f.name in problems.column_names]
+    if present:
+        raise TableError(f"the problem table already has rollout column(s) {', '.join(present)}; send problem rows "
+                         "(sample_id, problem, solution, answer and any extra columns) only")
+
+
+def list_column(values: Sequence[Sequence[int]] | Sequence[Sequence[float]], value_type: pa.DataType) -> pa.Array:
+    """An Arrow ``list<value_type>`` column from per-row sequences, built from one flat buffer and offsets."""
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    dtype = value_type.to_pandas_dtype()
+    flat = np.concatenate([np.asarray(v, dtype=dtype) for v in values]) if len(values) else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
+
+
+@dataclass(frozen=True)
+class Trace:
+    """One sampled trace, as the engine returned it."""
+
+    prompt_ids: Sequence[int]
+    response_ids: Sequence[int]
+    response_logprobs: Sequence[float]
+    finish_reason: str
+
+
+def rollout_table(problems: pa.Table, rows: Sequence[int], ids: Sequence[str], traces: Sequence[Trace],
+                  policy_version: int) -> pa.Table:
+    """The problem rows ``rows`` (one per trace, in order) with their new sample ids and the rollout columns.
+
+    Every column of ``problems`` is kept (extra columns too), so the table carries whatever the orchestrator put in.
+    """
+    if not (len(rows) == len(ids) == len(traces)):
+        raise ValueError(f"{len(rows)} rows, {len(ids)} ids and {len(traces)} traces: one each per sample")
+    table = problems.take(pa.array(rows, type=pa.int64()))
+    index = table.column_names.index("sample_id")
+    table = table.set_column(index, table.schema.field("sample_id"), pa.array(ids, type=pa.string()))
+    columns = {
+        "prompt_ids": list_column([t.prompt_ids for t in traces], pa.int32()),
+        "response_ids": list_column([t.response_ids for t in traces], pa.int32()),
+        "response_logprobs": list_column([t.response_logprobs for t in traces], pa.float32()),
+        "finish_reason": pa.array([t.finish_reason for t in traces], type=pa.string()),
+        "policy_version": pa.array([policy_version] * len(traces), type=pa.int64()),
+    }
+    for field in ROLLOUT_FIELDS:
+        table = table.append_column(field, columns[field.name])
+    return table

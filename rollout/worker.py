@@ -1,0 +1,372 @@
+"""RolloutWorker: a vLLM engine that samples the student's traces and hot-loads LoRA adapter versions.
+
+A plain class (usable without Ray; :mod:`rollout.actor` makes it a Ray actor). It serves one base model with LoRA
+enabled and one adapter version at a time::
+
+    worker = RolloutWorker(ModelSpec("Qwen/Qwen3-1.7B"), rollout_config)
+    table = worker.generate(problems)             # problems: opsd.schema.PROBLEM_SCHEMA rows
+    worker.load_adapter(1, payload)               # AdapterPayload from the learner (or a PEFT directory)
+    table = worker.generate(problems)             # sampled with adapter version 1
+
+``generate`` builds each row's student prompt (:class:`opsd.prompts.PromptBuilder`, chat template applied),
+samples ``n`` traces per prompt and returns the rollout table of DESIGN.md (``opsd.schema.ROLLOUT_SCHEMA`` plus any
+extra input columns) carrying :class:`opsd.schema.TableMetadata` and :class:`rollout.table.RolloutStats`.
+
+Decisions:
+
+* **response_logprobs are the log-probs of the sampled tokens as sampled** (vLLM ``logprobs_mode=
+  "processed_logprobs"``): the log-probability under the distribution the token was actually drawn from, after
+  temperature, top-k and top-p (renormalised over the kept tokens). This is the behaviour policy, what an
+  importance-sampling or staleness correction needs. With top_k = -1 and top_p = 1 it is exactly
+  ``log_softmax(logits / temperature)``, the tempered full-vocabulary distribution the learner uses when the loss
+  temperature equals the sampling temperature (the paper's recipe); with temperature 0 (greedy) it is
+  ``log_softmax(logits)``. vLLM's default, ``raw_logprobs``, ignores temperature and truncation: it is not the
+  probability of the sample.
+* **Only what is needed is asked of vLLM**: the sampled token's log-prob (``logprobs=0``), flat
+  (``flat_logprobs=True``, no per-token dicts), token ids only (``detokenize=False``).
+* **Sample ids and seeds** (:mod:`rollout.table`): trace i of a prompt whose id is ``ROW@eErR`` gets
+  ``ROW@eEr(R+i)``; with n = 1 the id is unchanged. Each trace's random stream is seeded from (seed, sample id),
+  so a row's trace does not depend on which worker, batch or shard it lands in.
+* **Prompt length**: a prompt longer than ``max_model_len - max_tokens`` cannot get its full response budget. It
+  is refused before anything is generated, naming the sample ids (:class:`PromptTooLongError`), or with
+  ``on_long_prompt: skip`` left out and counted (``RolloutStats.skipped_ids``). The engine never sees it.
+* **Adapter versions**: each load gets a fresh LoRA name and int id (so no prefix-cache entry of an older version
+  is reused), is validated before the engine sees it (:mod:`rollout.adapters`), is written to this worker's own
+  temp directory, and replaces the previous version, which is removed from the engine and from disk. A bad adapter
+  raises :class:`opsd.adapter.AdapterError` and the worker keeps serving the version it had. Version 0 is the base
+  model.
+* Resources and engine start options: :mod:`rollout.resources`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+
+from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir, write_adapter_dir
+from opsd.configlib import check
+from opsd.errors import UserInputError
+from opsd.hf import load_tokenizer, tokenizer_fingerprint
+from opsd.prompts import PromptBuilder, PromptConfig
+from opsd.schema import FINISH_REASONS, TableError, TableMetadata, check_table, with_metadata
+from rollout.adapters import AdapterTarget, model_linear_shapes, validate_adapter
+from rollout.config import RolloutConfig
+from rollout.resources import ModelSpec, bind_process_to_cores, cpu_cores_for, engine_launch, scoped_environ
+from rollout.table import (
+    RolloutStats,
+    Trace,
+    check_no_rollout_columns,
+    rollout_sample_ids,
+    rollout_table,
+    trace_seed,
+    with_rollout_stats,
+)
+
+
+class PromptTooLongError(UserInputError):
+    """Student prompts that leave no room for the response budget; ``sample_ids`` names every one of them."""
+
+    def __init__(self, sample_ids: Sequence[str], lengths: Sequence[int], max_prompt_tokens: int,
+                 max_model_len: int, max_tokens: int):
+        self.sample_ids = list(sample_ids)
+        self.lengths = list(lengths)
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_model_len = max_model_len
+        self.max_tokens = max_tokens
+        shown = ", ".join(f"{s!r} ({n} tokens)" for s, n in zip(self.sample_ids[:5], self.lengths[:5]))
+        more = f" and {len(self.sample_ids) - 5} more" if len(self.sample_ids) > 5 else ""
+        super().__init__(
+            f"{len(self.sample_ids)} student prompt(s) too long for the rollout engine: {shown}{more}. A prompt may "
+            f"hold at most {max_prompt_tokens} tokens (max_model_len {max_model_len} - max_response_tokens "
+            f"{max_tokens}). Shorten those problems, raise rollout.max_model_len, or set "
+            "rollout.on_long_prompt=skip to leave such rows out"
+        )
+
+    def __reduce__(self):  # picklable across Ray, with its fields
+        return (type(self), (self.sample_ids, self.lengths, self.max_prompt_tokens, self.max_model_len,
+                             self.max_tokens))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How traces are sampled. :meth:`from_config` gives the run's; a call may pass another (evaluation, tests)."""
+
+    temperature: float
+    top_p: float
+    top_k: int  # -1: off
+    n: int
+    max_tokens: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: RolloutConfig) -> Sampling:
+        return cls(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, n=config.n,
+                   max_tokens=config.max_response_tokens, seed=config.seed)
+
+    def validate(self, max_model_len: int) -> None:
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
+        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        check(self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {self.top_k}")
+        check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
+        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        check(
+            1 <= self.max_tokens < max_model_len,
+            "max_tokens",
+            f"must be in [1, max_model_len {max_model_len}) to leave room for a prompt, got {self.max_tokens}",
+        )
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """The adapter version a worker serves after a load."""
+
+    version: int
+    rank: int  # 0 for the base model
+    layers: int  # LoRA layers in the adapter
+    seconds: float  # validation + write + engine load
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker runs: for logs, placement checks and tests."""
+
+    pid: int
+    model: str
+    policy_version: int
+    max_model_len: int
+    vocab_size: int
+    tokenizer: str  # fingerprint
+    on_cpu: bool
+    cpu_cores: tuple[int, ...] | None  # cores the engine was bound to (CPU)
+    affinity: tuple[int, ...]  # cores this process may run on now
+    torch_threads: int
+    engine_start_seconds: float
+    kv_block_size: int  # tokens per KV-cache block: prompts share cached blocks only when they span whole blocks
+    prefix_caching: bool
+
+
+class RolloutWorker:
+    """One vLLM engine (LoRA enabled) serving the student: ``generate`` rollouts, ``load_adapter`` versions."""
+
+    def __init__(self, model: ModelSpec | str, config: RolloutConfig | None = None,
+                 prompts: PromptConfig | None = None, *, worker_index: int = 0,
+                 cpu_cores: Sequence[int] | None = None):
+        """``worker_index`` picks this worker's block of cores on CPU (``cpu_cores`` overrides it) and names its
+        temp directory. Building the engine binds this process to those cores (CPU)."""
+        self.model = ModelSpec(path=model) if isinstance(model, str) else model
+        self.config = config if config is not None else RolloutConfig()
+        self.config.validate()
+        self.worker_index = worker_index
+        self.tokenizer = load_tokenizer(self.model.tokenizer_path, self.model.revision, self.model.trust_remote_code)
+        self.prompts = PromptBuilder(self.tokenizer, prompts)
+
+        self._target = AdapterTarget(
+            base_model=self.model.path,
+            max_rank=self.config.max_lora_rank,
+            linear_shapes=model_linear_shapes(self.model.path, self.model.revision, self.model.trust_remote_code),
+        )
+        on_cpu = _vllm_on_cpu()
+        if on_cpu and cpu_cores is None:
+            cpu_cores = cpu_cores_for(worker_index, self.config.num_workers, self.config.cpu_threads_per_worker,
+                                      sorted(os.sched_getaffinity(0)))
+        launch = engine_launch(self.model, self.config, on_cpu=on_cpu, lora_layers=self._target.layer_names,
+                               cpu_cores=cpu_cores if on_cpu else None)
+        started = time.perf_counter()
+        with scoped_environ(launch.env):
+            if launch.cpu_cores:
+                bind_process_to_cores(launch.cpu_cores)
+            from vllm import LLM
+
+            self.llm = LLM(**launch.kwargs)
+        self._start_seconds = time.perf_counter() - started
+        self._on_cpu, self._cpu_cores = on_cpu, launch.cpu_cores
+
+        model_config = self.llm.llm_engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        self.metadata = TableMetadata(model=self.model.path, tokenizer=tokenizer_fingerprint(self.tokenizer),
+                                      vocab_size=int(model_config.get_vocab_size()))
+        self._adapter_root = Path(tempfile.mkdtemp(prefix=f"opsd-rollout-{worker_index}-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._adapter_root), True)
+        self._lora: Any = None  # vllm LoRARequest of the version served, None for the base model
+        self._lora_dir: Path | None = None
+        self._version = 0
+        self._loads = 0  # LoRA int ids: one per load, never reused
+
+    # -- state ---------------------------------------------------------------------------------------------------
+    def policy_version(self) -> int:
+        return self._version
+
+    def info(self) -> WorkerInfo:
+        import torch
+
+        cache = self.llm.llm_engine.vllm_config.cache_config
+        return WorkerInfo(
+            pid=os.getpid(), model=self.model.path, policy_version=self._version, max_model_len=self.max_model_len,
+            vocab_size=self.metadata.vocab_size, tokenizer=self.metadata.tokenizer, on_cpu=self._on_cpu,
+            cpu_cores=self._cpu_cores, affinity=tuple(sorted(os.sched_getaffinity(0))),
+            torch_threads=torch.get_num_threads(), engine_start_seconds=self._start_seconds,
+            kv_block_size=int(cache.block_size), prefix_caching=bool(cache.enable_prefix_caching),
+        )
+
+    def close(self) -> None:
+        """Remove this worker's adapter files (the engine goes with the process)."""
+        self._cleanup()
+
+    # -- rollouts ------------------------------------------------------------------------------------------------
+    def generate(self, problems: pa.Table, sampling: Sampling | None = None) -> pa.Table:
+        """Sample ``n`` traces for each problem row (see the module docstring for ids, log-probs and lengths)."""
+        started = time.perf_counter()
+        check_table(problems, "problems")
+        check_no_rollout_columns(problems)
+        sampling = sampling if sampling is not None else Sampling.from_config(self.config)
+        sampling.validate(self.max_model_len)
+        prompt_ids_by_row = problems.column("sample_id").to_pylist()
+        _check_unique(prompt_ids_by_row, "problem")
+        prompts = [self.prompts.student_prompt_ids(p) for p in problems.column("problem").to_pylist()]
+
+        max_prompt = self.max_model_len - sampling.max_tokens
+        too_long = [i for i, p in enumerate(prompts) if len(p) > max_prompt]
+        if too_long and self.config.on_long_prompt == "error":
+            raise PromptTooLongError([prompt_ids_by_row[i] for i in too_long], [len(prompts[i]) for i in too_long],
+                                     max_prompt, self.max_model_len, sampling.max_tokens)
+        skipped = set(too_long)
+
+        rows: list[int] = []
+        ids: list[str] = []
+        for row, prompt_id in enumerate(prompt_ids_by_row):
+            if row in skipped:
+                continue
+            for trace_id in rollout_sample_ids(prompt_id, sampling.n):
+                rows.append(row)
+                ids.append(trace_id)
+        _check_unique(ids, "rollout")
+
+        traces = self._sample([prompts[r] for r in rows], ids, sampling)
+        table = rollout_table(problems, rows, ids, traces, self._version)
+        stats = RolloutStats(
+            prompts=problems.num_rows,
+            samples=len(traces),
+            skipped_ids=tuple(prompt_ids_by_row[i] for i in too_long),
+            generated_tokens=sum(len(t.response_ids) for t in traces),
+            truncated=sum(t.finish_reason == "length" for t in traces),
+            generate_seconds=time.perf_counter() - started,
+        )
+        return with_rollout_stats(with_metadata(table, self.metadata), stats)
+
+    def _sample(self, prompts: list[list[int]], ids: list[str], sampling: Sampling) -> list[Trace]:
+        if not prompts:
+            return []
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        greedy = sampling.temperature == 0
+        params = [
+            SamplingParams(
+                n=1,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=0 if sampling.top_k == -1 else sampling.top_k,  # vLLM: 0 is off
+                max_tokens=sampling.max_tokens,
+                seed=None if greedy else trace_seed(sampling.seed, trace_id),
+                logprobs=0,  # the sampled token's only
+                flat_logprobs=True,
+                detokenize=False,
+            )
+            for trace_id in ids
+        ]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                    lora_request=self._lora, use_tqdm=False)
+        return [_trace(prompt, output, trace_id) for prompt, output, trace_id in zip(prompts, outputs, ids)]
+
+    # -- adapter versions ----------------------------------------------------------------------------------------
+    def load_adapter(self, version: int, payload: AdapterPayload | str | os.PathLike | None = None) -> AdapterInfo:
+        """Serve adapter ``version`` from the next ``generate`` on; version 0 (no payload) is the base model.
+
+        ``payload`` is the learner's :class:`AdapterPayload` (bytes from the object store) or a PEFT adapter
+        directory. On any problem this raises :class:`AdapterError` and the previous version stays in service.
+        """
+        started = time.perf_counter()
+        if version < 0:
+            raise AdapterError(f"adapter version must be >= 0, got {version}")
+        if version == 0:
+            if payload is not None:
+                raise AdapterError("adapter version 0 is the base model: it takes no payload")
+            self._serve(None, None, 0)
+            return AdapterInfo(version=0, rank=0, layers=0, seconds=time.perf_counter() - started)
+        if payload is None:
+            raise AdapterError(f"adapter version {version} needs a payload (AdapterPayload or a PEFT directory)")
+        if isinstance(payload, (str, os.PathLike)):
+            payload = read_adapter_dir(payload, version)
+        elif payload.version != version:
+            raise AdapterError(f"load_adapter({version}) was given the payload of version {payload.version}")
+        layers = validate_adapter(payload, self._target)
+
+        from vllm.lora.request import LoRARequest
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        self._loads += 1
+        lora_id = self._loads
+        folder = write_adapter_dir(payload, self._adapter_root / f"v{version}-{lora_id}")
+        request = LoRARequest(lora_name=f"opsd-v{version}-{lora_id}", lora_int_id=lora_id, lora_path=str(folder))
+        try:
+            added = self.llm.llm_engine.add_lora(request)
+        except EngineDeadError:
+            raise
+        except Exception as exc:  # vLLM refused this adapter; the engine and the version it serves are intact
+            shutil.rmtree(folder, ignore_errors=True)
+            raise AdapterError(f"adapter version {version}: the engine refused it ({type(exc).__name__}: {exc})"
+                               ) from exc
+        if not added:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise AdapterError(f"adapter version {version}: the engine did not add it")
+        self._serve(request, folder, version)
+        return AdapterInfo(version=version, rank=payload.rank, layers=layers, seconds=time.perf_counter() - started)
+
+    def _serve(self, request: Any, folder: Path | None, version: int) -> None:
+        """Switch to ``request`` (None: base model), then drop the previous version from the engine and disk."""
+        previous, previous_dir = self._lora, self._lora_dir
+        self._lora, self._lora_dir, self._version = request, folder, version
+        if previous is not None:
+            # False when vLLM already evicted it from its cache: either way it is gone.
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        if previous_dir is not None:
+            shutil.rmtree(previous_dir, ignore_errors=True)
+
+
+def _vllm_on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def _check_unique(ids: Sequence[str], what: str) -> None:
+    seen: set[str] = set()
+    for value in ids:
+        if value in seen:
+            raise TableError(f"{what} sample id {value!r} appears more than once")
+        seen.add(value)
+
+
+def _trace(prompt: list[int], output: Any, trace_id: str) -> Trace:
+    """A :class:`Trace` from one vLLM ``RequestOutput`` (one completion, flat log-probs of the sampled tokens)."""
+    completion = output.outputs[0]
+    tokens = list(completion.token_ids)
+    flat = completion.logprobs
+    # logprobs=0: exactly one entry per position, the sampled token. Anything else is a vLLM behaviour change.
+    if flat is None or len(flat.start_indices) != len(tokens):
+        raise RuntimeError(f"sample {trace_id!r}: vLLM returned no per-token log-prob for every response token")
+    if [flat.token_ids[s] for s in flat.start_indices] != tokens:
+        raise RuntimeError(f"sample {trace_id!r}: vLLM's log-probs are not those of the sampled tokens")
+    if completion.finish_reason not in FINISH_REASONS:
+        raise RuntimeError(f"sample {trace_id!r}: vLLM finished with {completion.finish_reason!r}")
+    return Trace(prompt_ids=prompt, response_ids=tokens,
+                 response_logprobs=[flat.logprobs[s] for s in flat.start_indices],
+                 finish_reason=completion.finish_reason)

@@ -1,0 +1,267 @@
+"""Rollout pieces that need no engine: sample ids and seeds, sharding and merging, adapter checks, engine launch."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir
+from opsd.configlib import ConfigError
+from opsd.schema import PROBLEM_SCHEMA, TableError, TableMetadata, check_table, sample_id, with_metadata
+from rollout.config import RolloutConfig
+from rollout.resources import ModelSpec, cpu_cores_for, engine_launch, scoped_environ
+from rollout.sharding import merge_tables, shard_bounds, shard_rows
+from rollout.table import (
+    RolloutStats,
+    Trace,
+    check_no_rollout_columns,
+    parse_sample_id,
+    rollout_sample_ids,
+    rollout_stats,
+    rollout_table,
+    trace_seed,
+    with_rollout_stats,
+)
+
+META = TableMetadata(model="m", tokenizer="abc", vocab_size=10)
+
+
+def problems(n: int, prefix: str = "row") -> pa.Table:
+    return pa.table(
+        {
+            "sample_id": [sample_id(f"{prefix}{i}", 0, 0) for i in range(n)],
+            "problem": [f"problem {i}" for i in range(n)],
+            "solution": [f"solution {i}" for i in range(n)],
+            "answer": [str(i) for i in range(n)],
+        },
+        schema=PROBLEM_SCHEMA,
+    )
+
+
+def fake_rollouts(batch: pa.Table, n: int, version: int = 0, skipped: tuple[str, ...] = ()) -> pa.Table:
+    """What a worker returns for ``batch``, with made-up traces (row i, trace j -> response [i, j])."""
+    rows, ids, traces = [], [], []
+    for row, prompt_id in enumerate(batch.column("sample_id").to_pylist()):
+        for j, trace_id in enumerate(rollout_sample_ids(prompt_id, n)):
+            rows.append(row)
+            ids.append(trace_id)
+            traces.append(Trace([1, 2], [row, j], [-0.5, -0.25], "length"))
+    table = with_metadata(rollout_table(batch, rows, ids, traces, version), META)
+    stats = RolloutStats(prompts=batch.num_rows, samples=len(ids), skipped_ids=skipped,
+                         generated_tokens=2 * len(ids), truncated=len(ids), generate_seconds=1.0)
+    return with_rollout_stats(table, stats)
+
+
+# -- sample ids and seeds ----------------------------------------------------------------------------------------
+def test_rollout_sample_ids_number_the_rollouts_of_a_prompt():
+    assert rollout_sample_ids("gsm8k-7@e2r0", 3) == ["gsm8k-7@e2r0", "gsm8k-7@e2r1", "gsm8k-7@e2r2"]
+    assert rollout_sample_ids("a@b@e0r4", 2) == ["a@b@e0r4", "a@b@e0r5"]  # the first rollout index is kept
+    assert rollout_sample_ids("any id at all", 1) == ["any id at all"]  # n = 1: unchanged
+    assert parse_sample_id(sample_id("x@y", 3, 12)) == ("x@y", 3, 12)
+    assert parse_sample_id("plain") is None
+    with pytest.raises(TableError, match="'plain'.*ROW@eEPOCHrROLLOUT"):
+        rollout_sample_ids("plain", 2)
+
+
+def test_trace_seed_is_stable_and_distinct():
+    assert trace_seed(0, "a@e0r0") == trace_seed(0, "a@e0r0")
+    seeds = {trace_seed(s, f"a@e0r{i}") for s in range(3) for i in range(50)}
+    assert len(seeds) == 150 and all(0 <= s < 2**63 for s in seeds)
+
+
+# -- the table, sharding, merging --------------------------------------------------------------------------------
+def test_rollout_table_keeps_extra_columns_and_follows_the_contract():
+    batch = problems(2).append_column("epoch", pa.array([0, 0], pa.int64()))
+    table = fake_rollouts(batch, n=2, version=4)
+    check_table(table, "rollouts")
+    assert table.column("sample_id").to_pylist() == ["row0@e0r0", "row0@e0r1", "row1@e0r0", "row1@e0r1"]
+    assert table.column("problem").to_pylist() == ["problem 0", "problem 0", "problem 1", "problem 1"]
+    assert table.column("epoch").to_pylist() == [0] * 4
+    assert table.column("policy_version").to_pylist() == [4] * 4
+    assert table.schema.field("response_logprobs").type == pa.list_(pa.float32())
+    assert table.column("response_ids").to_pylist()[3] == [1, 1]
+    check_no_rollout_columns(batch)
+    with pytest.raises(TableError, match="already has rollout column.*prompt_ids"):
+        check_no_rollout_columns(table)
+
+
+@pytest.mark.parametrize("rows,workers", [(10, 3), (2, 4), (0, 2), (7, 1), (8, 8)])
+def test_shard_rows_are_balanced_contiguous_and_cover_the_batch(rows, workers):
+    batch = problems(rows)
+    shards = shard_rows(batch, workers)
+    assert len(shards) == workers
+    sizes = [s.num_rows for s in shards]
+    assert sum(sizes) == rows and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert pa.concat_tables(shards).equals(batch)
+    assert shard_bounds(rows, workers)[-1][1] == rows
+
+
+def test_merge_tables_restores_batch_order_keeps_prompt_groups_and_sums_stats():
+    batch = problems(5)
+    shards = shard_rows(batch, 3)
+    outputs = [fake_rollouts(s, n=2, skipped=(f"skipped{i}",)) for i, s in enumerate(shards)]
+    merged = merge_tables(outputs)
+    check_table(merged, "rollouts")
+    expected = [sid for p in batch.column("sample_id").to_pylist() for sid in rollout_sample_ids(p, 2)]
+    assert merged.column("sample_id").to_pylist() == expected
+    stats = rollout_stats(merged)
+    assert (stats.prompts, stats.samples, stats.generated_tokens, stats.truncated) == (5, 10, 20, 10)
+    assert stats.skipped_ids == ("skipped0", "skipped1", "skipped2") and stats.skipped == 3
+    assert stats.generate_seconds == pytest.approx(3.0)
+
+
+def test_merge_tables_handles_empty_shards_and_refuses_other_models():
+    batch = problems(1)
+    outputs = [fake_rollouts(s, n=1) for s in shard_rows(batch, 3)]
+    assert merge_tables(outputs).num_rows == 1
+    other = with_metadata(outputs[1], replace(META, tokenizer="other"))
+    with pytest.raises(TableError, match="different models"):
+        merge_tables([outputs[0], other])
+
+
+# -- resources -----------------------------------------------------------------------------------------------------
+def test_cpu_cores_for_gives_each_worker_its_own_cores():
+    assert [cpu_cores_for(i, 2, None, [0, 1]) for i in range(2)] == [(0,), (1,)]
+    assert [cpu_cores_for(i, 2, 2, range(8)) for i in range(2)] == [(0, 1), (2, 3)]
+    assert cpu_cores_for(0, 1, None, [3, 2]) == (2, 3)
+    with pytest.raises(ConfigError, match="3 rollout workers need a core each; this machine has 2 usable cores"):
+        cpu_cores_for(0, 3, None, [0, 1])
+    with pytest.raises(ConfigError, match="cpu_threads_per_worker: 2 rollout workers x 2 cores do not fit the 3"):
+        cpu_cores_for(0, 2, 2, [0, 1, 2])
+
+
+def test_engine_launch_on_cpu_sets_kv_cache_in_process_engine_and_cores():
+    config = RolloutConfig(gpus_per_worker=0, cpu_kv_cache_gib=0.5, max_lora_rank=8, max_model_len=512)
+    launch = engine_launch(ModelSpec("/models/m"), config, on_cpu=True, lora_layers=["v_proj", "q_proj"], cpu_cores=[1])
+    assert launch.kwargs["kv_cache_memory_bytes"] == 512 * 2**20
+    assert launch.kwargs["distributed_executor_backend"] == "uni"
+    assert launch.kwargs["dtype"] == "float32" and launch.kwargs["enforce_eager"] is True
+    assert launch.kwargs["logprobs_mode"] == "processed_logprobs"
+    assert launch.kwargs["enable_lora"] is True and launch.kwargs["max_lora_rank"] == 8
+    assert launch.kwargs["lora_target_modules"] == ["q_proj", "v_proj"]  # not the output head
+    assert launch.env == {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": None,  # legacy variable removed: it would override the engine argument
+        "VLLM_CPU_OMP_THREADS_BIND": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    assert launch.cpu_cores == (1,)
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        engine_launch(ModelSpec("m"), replace(config, tensor_parallel_size=2), on_cpu=True, lora_layers=["q_proj"],
+                      cpu_cores=[0])
+
+
+def test_engine_launch_on_gpu_uses_config_and_sets_no_environment():
+    config = RolloutConfig(tensor_parallel_size=2, gpu_memory_utilization=0.5)
+    launch = engine_launch(ModelSpec("m", dtype="auto"), config, on_cpu=False, lora_layers=["q_proj"])
+    assert launch.kwargs["tensor_parallel_size"] == 2 and launch.kwargs["gpu_memory_utilization"] == 0.5
+    assert launch.kwargs["dtype"] == "bfloat16"
+    assert "kv_cache_memory_bytes" not in launch.kwargs and "distributed_executor_backend" not in launch.kwargs
+    assert launch.env == {} and launch.cpu_cores is None
+
+
+def test_scoped_environ_restores_the_callers_environment(monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "40")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    with scoped_environ({"VLLM_CPU_KVCACHE_SPACE": None, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
+        assert "VLLM_CPU_KVCACHE_SPACE" not in os.environ
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "40"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+
+
+def test_rollout_config_checks_lora_rank_and_long_prompt_policy():
+    RolloutConfig(max_lora_rank=8, on_long_prompt="skip").validate()
+    with pytest.raises(ConfigError, match="max_lora_rank.*must be one of 1, 8, 16"):
+        RolloutConfig(max_lora_rank=4).validate()
+
+
+def test_prompt_too_long_error_names_ids_and_survives_pickling():
+    from rollout.worker import PromptTooLongError
+
+    error = PromptTooLongError(["a@e0r0", "b@e0r0"], [700, 900], 496, 512, 16)
+    assert "'a@e0r0' (700 tokens)" in str(error) and "at most 496 tokens" in str(error)
+    assert "on_long_prompt=skip" in str(error)
+    copy = pickle.loads(pickle.dumps(error))
+    assert copy.sample_ids == ["a@e0r0", "b@e0r0"] and str(copy) == str(error)
+
+
+# -- adapter checks ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapter_setup(tiny_model_dir: Path, tmp_path_factory):
+    from helpers.rollout_reference import make_lora_adapter
+
+    from rollout.adapters import AdapterTarget, model_linear_shapes
+
+    shapes = model_linear_shapes(str(tiny_model_dir))
+    target = AdapterTarget(base_model=str(tiny_model_dir), max_rank=8, linear_shapes=shapes)
+    folder = make_lora_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapters") / "good", rank=8, seed=1)
+    return target, read_adapter_dir(folder, version=1)
+
+
+def test_model_linear_shapes_are_the_blocks_linear_layers(adapter_setup):
+    target, _ = adapter_setup
+    assert target.linear_shapes["model.layers.0.self_attn.q_proj"] == (64, 128)
+    assert target.linear_shapes["model.layers.1.mlp.down_proj"] == (256, 64)
+    assert "lm_head" not in target.linear_shapes
+    assert target.layer_names == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_validate_adapter_accepts_a_peft_lora(adapter_setup):
+    from rollout.adapters import validate_adapter
+
+    target, good = adapter_setup
+    assert validate_adapter(good, target) == 14  # 7 layers x 2 blocks
+
+
+def _broken_weights(payload: AdapterPayload, edit) -> AdapterPayload:
+    from safetensors.torch import load, save
+
+    tensors = load(payload.weights)
+    edit(tensors)
+    return replace(payload, weights=save(tensors))
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("rank", "rank r=16 is larger than this engine's max_lora_rank 8"),
+        ("target", "target module 'foo_proj' is not a linear layer"),
+        ("head", "target module 'lm_head' is not a linear layer"),
+        ("base", "was trained on base model '/elsewhere/model'"),
+        ("dora", "DoRA"),
+        ("corrupt", "not a readable safetensors file"),
+        ("shape", "model.layers.0.self_attn.q_proj has lora_A (8, 32)"),
+        ("nan", "holds NaN or infinite values"),
+        ("missing_b", "has no lora_B weight"),
+        ("unknown_module", "LoRA tensors for 'model.layers.0.self_attn.foo_proj'"),
+    ],
+)
+def test_validate_adapter_names_what_is_wrong(adapter_setup, case, message):
+    import torch
+
+    from rollout.adapters import validate_adapter
+
+    target, good = adapter_setup
+    q_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    bad = {
+        "rank": lambda: replace(good, config=good.config | {"r": 16}),
+        "target": lambda: replace(good, config=good.config | {"target_modules": ["q_proj", "foo_proj"]}),
+        "head": lambda: replace(good, config=good.config | {"target_modules": ["q_proj", "lm_head"]}),
+        "base": lambda: replace(good, config=good.config | {"base_model_name_or_path": "/elsewhere/model"}),
+        "dora": lambda: replace(good, config=good.config | {"use_dora": True}),
+        "corrupt": lambda: replace(good, weights=good.weights[: len(good.weights) // 2]),
+        "shape": lambda: _broken_weights(good, lambda t: t.update({q_a: t[q_a][:, :32].contiguous()})),
+        "nan": lambda: _broken_weights(good, lambda t: t[q_a].__setitem__((0, 0), float("nan"))),
+        "missing_b": lambda: _broken_weights(good, lambda t: t.pop(q_a.replace("lora_A", "lora_B"))),
+        "unknown_module": lambda: _broken_weights(
+            good, lambda t: t.update({q_a.replace("q_proj", "foo_proj"): torch.zeros(8, 64)})),
+    }
+    with pytest.raises(AdapterError, match=re.escape(message)):
+        validate_adapter(bad[case](), target)
