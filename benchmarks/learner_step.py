@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+sys.path.insert(0, str(REPO_ROOT))  # before this folder: its scripts must not shadow the packages
+sys.path.insert(1, str(REPO_ROOT / "benchmarks"))  # after the repo: benchmarks/learner.py must not shadow learner/
 
 from learner.loss import FullTeacher, TopKTeacher, gjs_loss  # noqa: E402
 from loss import naive_gjs  # noqa: E402  (benchmarks/loss.py)

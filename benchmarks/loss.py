@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT))  # before this folder: its scripts must not shadow the packages
 
 from learner.loss import FullTeacher, TopKTeacher, gjs_loss  # noqa: E402
 
