@@ -12,8 +12,6 @@ caller's process, so that every rank gets the same number of micro-batches; the 
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +20,11 @@ from typing import Any
 import pyarrow as pa
 import ray
 
-from learner.batch import count_response_tokens, non_finite_teacher_rows, pack_micro_batches, rows_from_table, split_over_ranks
+from learner.batch import non_finite_teacher_rows, pack_micro_batches, rows_from_table, split_over_ranks
 from learner.config import LearnerConfig
 from learner.worker import LearnerWorker, StepMetrics, free_port
 from opsd.adapter import AdapterPayload
+from opsd.atomic import atomic_directory
 from opsd.hf import load_tokenizer, tokenizer_fingerprint
 from opsd.prompts import PromptBuilder, PromptConfig
 from opsd.schema import TableError, TableMetadata, check_metadata, check_table
@@ -222,19 +221,10 @@ class LearnerGroup:
 
     def save_checkpoint(self, directory: str | Path, client_state: dict | None = None) -> Path:
         """Every rank writes into a temporary sibling directory; it is renamed into place once all are done."""
-        final = Path(directory).resolve()
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-        try:
-            state = {"group_step": self.step_count, "version": self.version, **(client_state or {})}
+        state = {"group_step": self.step_count, "version": self.version, **(client_state or {})}
+        with atomic_directory(directory, overwrite=True) as tmp:
             ray.get([a.call.remote("save_checkpoint", str(tmp), state) for a in self.actors], timeout=self.timeout_s)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return final
+        return Path(directory).resolve()
 
     def load_checkpoint(self, directory: str | Path) -> dict:
         states = ray.get([a.call.remote("load_checkpoint", str(directory)) for a in self.actors], timeout=self.timeout_s)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from opsd.atomic import atomic_directory
 from opsd.errors import UserInputError
 
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -47,21 +46,11 @@ class AdapterPayload:
 
 
 def write_adapter_dir(payload: AdapterPayload, out_dir: str | os.PathLike) -> Path:
-    """Write the payload as a PEFT adapter directory, atomically (temp dir, then rename)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """Write the payload as a PEFT adapter directory, atomically (an existing one is replaced)."""
+    with atomic_directory(out_dir, overwrite=True) as tmp:
         (tmp / WEIGHTS_FILE).write_bytes(payload.weights)
         (tmp / CONFIG_FILE).write_text(json.dumps(payload.config, indent=2, sort_keys=True) + "\n")
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def read_adapter_dir(path: str | os.PathLike, version: int) -> AdapterPayload:

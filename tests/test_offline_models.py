@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.offline_models import QWEN3_VOCAB_SIZE, TinyQwen3Spec, atomic_directory, build_tiny_qwen3
+from opsd.atomic import atomic_directory
+from orchestrator.offline_models import QWEN3_VOCAB_SIZE, TinyQwen3Spec, build_tiny_qwen3
 
 HELPERS = Path(__file__).parent / "helpers"
 
