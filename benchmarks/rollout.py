@@ -15,9 +15,10 @@ stage's situation after the first training step).
   adapter load       a random LoRA (rank R on all linear layers) as payload bytes -> ``load_adapter`` -> the first
                      generate with it (one prompt, one token); median over several versions
 
-Tokens are counted as generated (through EOS when a trace stops). Both sides run float32 on the same cores; the
-engine is started after the HF runs, in this process (vLLM's in-process CPU engine, bound to all usable cores).
-Each throughput is the median of ``--repeats`` timed runs after a short warm-up.
+Tokens are counted as generated (through EOS when a trace stops). Both sides run float32, in this process, on the
+same cores (vLLM's in-process CPU engine, bound to all usable cores), alternating decoding by decoding so that both
+see the same background load. Each throughput is the best of ``--repeats`` timed runs after a short warm-up (the
+usual estimator on a shared machine: noise only ever adds time).
 """
 
 from __future__ import annotations
@@ -92,47 +93,44 @@ def timed(fn, repeats: int, warm_up) -> tuple[float, object]:
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+    return min(times), result
 
 
 # -- HF baseline ---------------------------------------------------------------------------------------------------
-def hf_throughputs(model_dir: Path, adapter_dir: Path, prompts: list[list[int]], max_tokens: int, repeats: int
-                   ) -> dict[str, tuple[float, int]]:
-    """``{decoding: (seconds, tokens)}`` of HF ``generate`` on one left-padded batch (PEFT, unmerged, for the
-    adapter rows)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+class HFGenerate:
+    """HF ``generate`` on one left-padded batch of the prompts (PEFT, unmerged, when the adapter is asked for)."""
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with_adapter = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir).eval()
-    eos = base.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    pad = base.generation_config.pad_token_id
-    pad = pad if pad is not None else next(iter(eos))
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    def __init__(self, model_dir: Path, adapter_dir: Path, prompts: list[list[int]]):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
 
-    def generate(temperature: float, top_p: float, top_k: int, adapter: bool, new_tokens: int) -> int:
+        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.with_adapter = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir).eval()
+        eos = self.base.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [eos])
+        pad = self.base.generation_config.pad_token_id
+        self.pad = pad if pad is not None else next(iter(self.eos))
+        self.width = max(len(p) for p in prompts)
+        self.ids = torch.tensor([[self.pad] * (self.width - len(p)) + p for p in prompts])
+        self.mask = torch.tensor([[0] * (self.width - len(p)) + [1] * len(p) for p in prompts])
+
+    def tokens(self, temperature: float, top_p: float, top_k: int, adapter: bool, new_tokens: int) -> int:
+        """Generate; return the tokens generated (through EOS when a row stops)."""
+        import torch
+
         torch.manual_seed(0)
-        model = with_adapter if adapter else base
+        model = self.with_adapter if adapter else self.base
         options = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=max(top_k, 0))  # 0: off
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, pad_token_id=pad,
-                                 **(options if temperature > 0 else dict(do_sample=False)))
+            out = model.generate(input_ids=self.ids, attention_mask=self.mask, max_new_tokens=new_tokens,
+                                 pad_token_id=self.pad, **(options if temperature > 0 else dict(do_sample=False)))
         tokens = 0
-        for row in out[:, width:].tolist():
-            stop = next((i for i, t in enumerate(row) if t in eos), None)
+        for row in out[:, self.width:].tolist():
+            stop = next((i for i, t in enumerate(row) if t in self.eos), None)
             tokens += len(row) if stop is None else stop + 1
         return tokens
-
-    results = {}
-    for name, (temperature, top_p, top_k, adapter) in DECODINGS.items():
-        results[name] = timed(lambda: generate(temperature, top_p, top_k, adapter, max_tokens), repeats,
-                              lambda: generate(temperature, top_p, top_k, adapter, 4))
-    return results
 
 
 # -- RolloutWorker ------------------------------------------------------------------------------------------------
@@ -159,6 +157,15 @@ def main() -> None:
     args = parse_args()
     import torch
 
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    scratch = Path(tempfile.mkdtemp(prefix="opsd-bench-rollout-"))
+    try:
+        run(args, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, scratch: Path) -> None:
     from opsd.hf import load_tokenizer
     from opsd.prompts import PromptBuilder
     from rollout.config import RolloutConfig
@@ -166,15 +173,13 @@ def main() -> None:
     from rollout.worker import RolloutWorker, Sampling
 
     cores = sorted(os.sched_getaffinity(0))
-    torch.set_num_threads(len(cores))
-    scratch = Path(tempfile.mkdtemp(prefix="opsd-bench-rollout-"))
     model_dir = resolve_model(args.model, scratch)
     problems = gsm8k_problems(args.prompts)
     builder = PromptBuilder(load_tokenizer(str(model_dir)))
     prompts = [builder.student_prompt_ids(p) for p in problems.column("problem").to_pylist()]
     adapter_dir, payload = make_adapter_payload(model_dir, args.lora_rank, scratch)
 
-    hf = hf_throughputs(model_dir, adapter_dir, prompts, args.max_tokens, args.repeats)
+    hf_generate = HFGenerate(model_dir, adapter_dir, prompts)
 
     config = RolloutConfig(gpus_per_worker=0, cpu_kv_cache_gib=args.kv_cache_gib, max_response_tokens=args.max_tokens,
                            temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K, max_lora_rank=args.lora_rank,
@@ -183,19 +188,22 @@ def main() -> None:
     info = worker.info()
     warm_batch = problems.slice(0, 2)
 
-    def tokens_of(sampling: Sampling, batch) -> int:
+    def worker_tokens(sampling: Sampling, batch) -> int:
         return sum(len(r) for r in worker.generate(batch, sampling).column("response_ids").to_pylist())
 
-    vllm = {}
+    # HF and the worker alternate, decoding by decoding, so that both see the same background load.
+    hf, vllm = {}, {}
     for name, (temperature, top_p, top_k, adapter) in DECODINGS.items():
+        hf[name] = timed(lambda: hf_generate.tokens(temperature, top_p, top_k, adapter, args.max_tokens),
+                         args.repeats, lambda: hf_generate.tokens(temperature, top_p, top_k, adapter, 4))
         if adapter and worker.policy_version() == 0:
             worker.load_adapter(1, payload)
         elif not adapter and worker.policy_version() != 0:
             worker.load_adapter(0)
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, n=1, max_tokens=args.max_tokens,
                             seed=0)
-        vllm[name] = timed(lambda: tokens_of(sampling, problems), args.repeats,
-                           lambda: tokens_of(replace(sampling, max_tokens=4), warm_batch))
+        vllm[name] = timed(lambda: worker_tokens(sampling, problems), args.repeats,
+                           lambda: worker_tokens(replace(sampling, max_tokens=4), warm_batch))
 
     one = problems.slice(0, 1)
     first_token = Sampling(temperature=0.0, top_p=1.0, top_k=-1, n=1, max_tokens=1, seed=0)
@@ -215,12 +223,11 @@ def main() -> None:
         loads.append(loaded - start)
         firsts.append(time.perf_counter() - loaded)
     worker.close()
-    shutil.rmtree(scratch, ignore_errors=True)
 
     adapter_mb = len(payload.weights) / 2**20
     print(f"\nModel {model_dir.name}, float32, {args.prompts} GSM8K prompts "
           f"({min(map(len, prompts))}-{max(map(len, prompts))} tokens), max {args.max_tokens} new tokens; "
-          f"{len(cores)} cores (engine bound to {info.cpu_cores}); median of {args.repeats} runs after a warm-up.\n")
+          f"{len(cores)} cores (engine bound to {info.cpu_cores}); best of {args.repeats} runs after a warm-up.\n")
     print("| decoding | HF generate tokens/s | RolloutWorker tokens/s | RolloutWorker / HF |")
     print("|---|---:|---:|---:|")
     for name in DECODINGS:

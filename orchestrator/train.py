@@ -60,6 +60,10 @@ class Stages:
 
     def shutdown(self) -> None:
         self.learner.shutdown()
+        try:  # let the engines remove their adapter scratch directories; bounded, then killed regardless
+            ray.get([actor.close.remote() for actor in self.rollout], timeout=60)
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+            pass
         for actor in self.rollout + self.teachers:
             ray.kill(actor)
 
