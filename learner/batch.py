@@ -16,7 +16,6 @@ from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from opsd.packing import pack_by_tokens
@@ -173,7 +172,3 @@ def _pad(sequences: Sequence[Sequence[int]], response_starts: Sequence[int], pad
         attention[i, : len(sequence)] = 1
         predicting[i, start - 1: len(sequence) - 1] = True
     return ids, attention, predicting
-
-
-def count_response_tokens(table: pa.Table) -> int:
-    return int(pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0)

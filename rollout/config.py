@@ -106,11 +106,7 @@ class RolloutConfig:
             "max_response_tokens",
             f"must be >= 1, got {self.max_response_tokens}",
         )
-        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {self.top_k}")
-        check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
-        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.n, self.seed)
         check(
             self.max_lora_rank in VLLM_MAX_LORA_RANKS,
             "max_lora_rank",
@@ -124,3 +120,12 @@ class RolloutConfig:
                 f"must be > max_response_tokens ({self.max_response_tokens}) to leave room for the prompt, "
                 f"got {self.max_model_len}",
             )
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, n: int, seed: int) -> None:
+    """The sampling parameters' ranges: for the config, and for a per-call ``Sampling`` override."""
+    check(temperature >= 0, "temperature", f"must be >= 0, got {temperature}")
+    check(0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p}")
+    check(top_k == -1 or top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {top_k}")
+    check(n >= 1, "n", f"must be >= 1, got {n}")
+    check(seed >= 0, "seed", f"must be >= 0, got {seed}")

@@ -58,7 +58,7 @@ from opsd.hf import load_tokenizer, tokenizer_fingerprint
 from opsd.prompts import PromptBuilder, PromptConfig
 from opsd.schema import FINISH_REASONS, TableError, TableMetadata, check_table, with_metadata
 from rollout.adapters import AdapterTarget, model_linear_shapes, validate_adapter
-from rollout.config import RolloutConfig
+from rollout.config import RolloutConfig, check_sampling
 from rollout.resources import ModelSpec, bind_process_to_cores, cpu_cores_for, engine_launch, scoped_environ
 from rollout.table import (
     RolloutStats,
@@ -112,11 +112,7 @@ class Sampling:
                    max_tokens=config.max_response_tokens, seed=config.seed)
 
     def validate(self, max_model_len: int) -> None:
-        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
-        check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
-        check(self.top_k == -1 or self.top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {self.top_k}")
-        check(self.n >= 1, "n", f"must be >= 1, got {self.n}")
-        check(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.n, self.seed)
         check(
             1 <= self.max_tokens < max_model_len,
             "max_tokens",
