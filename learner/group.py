@@ -12,6 +12,7 @@ caller's process, so that every rank gets the same number of micro-batches; the 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,17 @@ from opsd.hf import load_tokenizer, tokenizer_fingerprint
 from opsd.prompts import PromptBuilder, PromptConfig
 from opsd.schema import TableError, TableMetadata, check_metadata, check_table
 from opsd.teacher_context import build_contexts
+
+
+CLIENT_STATE_FILE = "client_state.json"
+
+
+def read_client_state(directory: str | Path) -> dict:
+    """The state a checkpoint was saved with (``group_step``, ``version`` and the caller's ``client_state``)."""
+    path = Path(directory) / CLIENT_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a learner checkpoint: it has no {CLIENT_STATE_FILE}")
+    return json.loads(path.read_text())
 
 
 class _LearnerActor:
@@ -220,10 +232,15 @@ class LearnerGroup:
         return ray.get([a.call.remote("trainable_parameters") for a in self.actors], timeout=self.timeout_s)[0]
 
     def save_checkpoint(self, directory: str | Path, client_state: dict | None = None) -> Path:
-        """Every rank writes into a temporary sibling directory; it is renamed into place once all are done."""
+        """Every rank writes into a temporary sibling directory; it is renamed into place once all are done.
+
+        ``client_state`` (JSON-serialisable) is stored with the learner state and, with the group's step and
+        version, in ``client_state.json``: a resuming caller reads it (:func:`read_client_state`) before it starts
+        any actor."""
         state = {"group_step": self.step_count, "version": self.version, **(client_state or {})}
         with atomic_directory(directory, overwrite=True) as tmp:
             ray.get([a.call.remote("save_checkpoint", str(tmp), state) for a in self.actors], timeout=self.timeout_s)
+            (tmp / CLIENT_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         return Path(directory).resolve()
 
     def load_checkpoint(self, directory: str | Path) -> dict:

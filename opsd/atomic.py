@@ -1,7 +1,7 @@
-"""Directories that appear whole or not at all: build in a temporary sibling, then rename into place.
+"""Files and directories that appear whole or not at all: build in a temporary sibling, then rename into place.
 
-Models, adapters and checkpoints are all written this way, so a crash never leaves half of one where a reader (a
-rollout worker, a resumed run) would pick it up.
+Models, adapters, checkpoints, configs and reports are all written this way, so a crash never leaves half of one
+where a reader (a rollout worker, a resumed run) would pick it up.
 """
 
 from __future__ import annotations
@@ -35,3 +35,21 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False) -> Ite
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder, fsynced, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -26,14 +26,14 @@ import json
 import math
 import os
 import re
-import tempfile
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Literal, TypeVar, Union
 
 import yaml
+
+from opsd.atomic import write_text_atomic
 
 from opsd.errors import UserInputError
 
@@ -200,22 +200,7 @@ def dump_yaml(data: Any) -> str:
 
 def save_yaml(data: Any, path: str | os.PathLike[str], header: str = "") -> None:
     """Write YAML atomically: a temp file in the same folder, fsynced, then renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = header + dump_yaml(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_text_atomic(path, header + dump_yaml(data))
 
 
 # --------------------------------------------------------------------------------------------------------------

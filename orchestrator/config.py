@@ -136,6 +136,12 @@ class TrainConfig:
     run_dir: str = field(
         default="runs/opsd", metadata={"doc": "Directory for the config used, metrics, adapters and checkpoints."}
     )
+    resume: str | None = field(
+        default=None,
+        metadata={"doc": "Continue from a checkpoint: 'latest' (the newest in run_dir/checkpoints) or a checkpoint "
+                  "directory. The learner state, the data cursor and the step count are restored; the rollout "
+                  "workers get the checkpoint's adapter. None: start from the base model."},
+    )
 
     def validate(self) -> None:
         check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1 or null, got {self.steps}")
@@ -148,6 +154,8 @@ class TrainConfig:
             self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0 (0 is off), got {self.checkpoint_every}"
         )
         check(bool(self.run_dir.strip()), "run_dir", "must name a directory")
+        check(self.resume is None or bool(self.resume.strip()), "resume",
+              "must be 'latest', a checkpoint directory, or null")
 
 
 @dataclass
@@ -173,12 +181,26 @@ class PlacementConfig:
             "doc": "Seconds to wait for the placement groups (time for the autoscaler to add nodes) before failing."
         },
     )
+    autoscaling: bool = field(
+        default=False,
+        metadata={
+            "doc": "The cluster's autoscaler adds nodes on demand: a plan the cluster cannot hold now is requested "
+            "anyway (the request is what makes the autoscaler add nodes) and waited for, up to placement_timeout_s, "
+            "then fails naming what is missing. False: such a plan fails at once, naming what is missing. An "
+            "embedded cluster (no address) never autoscales."
+        },
+    )
 
     def validate(self) -> None:
         check(
             self.placement_timeout_s > 0,
             "placement_timeout_s",
             f"must be > 0, got {self.placement_timeout_s}",
+        )
+        check(
+            isinstance(self.autoscaling, bool),
+            "autoscaling",
+            f"must be true or false, got {self.autoscaling!r}",
         )
 
 

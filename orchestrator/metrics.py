@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from opsd.atomic import write_text_atomic
+
 # name -> description, for the gauges of the dashboard
 GAUGES: dict[str, str] = {
     "step": "Training step just finished",
@@ -39,9 +41,15 @@ STAGES = ("rollout", "teacher", "learner")
 class MetricsSink:
     """Writes each step's record to ``metrics.jsonl`` and, when Ray is up, to its metrics endpoint."""
 
-    def __init__(self, run_dir: str | os.PathLike, export_to_ray: bool = True):
+    def __init__(self, run_dir: str | os.PathLike, export_to_ray: bool = True, keep_steps_up_to: int | None = None):
+        """``keep_steps_up_to`` (a resumed run): records of later steps, written after the checkpoint the run
+        resumes from, are dropped first, so every step appears once. None: a new run, the file starts empty."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if keep_steps_up_to is not None and self.path.is_file():
+            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= keep_steps_up_to]
+        write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         self._file = self.path.open("a", encoding="utf-8")
         self._gauges: dict[str, Any] = {}
         if export_to_ray:

@@ -39,12 +39,14 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import ray  # noqa: E402
 
-from learner.group import FullTeacherSettings, LearnerGroup  # noqa: E402
+from learner.group import FullTeacherSettings, LearnerGroup, read_client_state  # noqa: E402
+from opsd.configlib import ConfigError  # noqa: E402
 from opsd.adapter import write_adapter_dir  # noqa: E402
+from opsd.atomic import write_text_atomic  # noqa: E402
 from orchestrator.config import OPSDConfig, load_config, save_config  # noqa: E402
 from orchestrator.data import load_dataset  # noqa: E402
 from orchestrator.metrics import MetricsSink  # noqa: E402
-from orchestrator.sampler import EpochSampler  # noqa: E402
+from orchestrator.sampler import Cursor, EpochSampler  # noqa: E402
 from rollout.actor import load_adapter_on_all, start_rollout_actors  # noqa: E402
 from rollout.resources import ModelSpec  # noqa: E402
 from rollout.sharding import merge_tables, shard_rows  # noqa: E402
@@ -140,43 +142,104 @@ def score(stages: Stages, rollouts: pa.Table, timeout_s: float) -> tuple[pa.Tabl
     return merge_tables([r.table for r in results]), skipped, tokens
 
 
-def train(cfg: OPSDConfig, print_fn=print) -> Path:
-    """Run the whole training job; returns the run directory."""
-    run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    problems, report = load_dataset(cfg.data, required=("problem", "solution"))  # bad input fails before any actor
+@dataclass
+class TrainingData:
+    """The training rows in epoch order, the held-out problems, and how many steps the run takes."""
+
+    sampler: EpochSampler
+    held_out: pa.Table | None
+    total_steps: int
+    description: str
+
+
+def prepare_data(cfg: OPSDConfig) -> TrainingData:
+    """Load and check the data (bad input fails here, before any actor starts); hold out the last rows."""
+    problems, report = load_dataset(cfg.data, required=("problem", "solution"))
     held_out = None
     if cfg.train.eval_rows:
         if cfg.train.eval_rows >= problems.num_rows:
-            raise ValueError(f"train.eval_rows={cfg.train.eval_rows} leaves no training rows of {problems.num_rows}")
+            raise ConfigError("train.eval_rows", f"{cfg.train.eval_rows} held-out rows leave no training rows of "
+                              f"the {problems.num_rows} in {report.path}")
         held_out = EpochSampler(problems.slice(problems.num_rows - cfg.train.eval_rows), cfg.train.eval_rows,
                                 seed=0).next_batch()
         problems = problems.slice(0, problems.num_rows - cfg.train.eval_rows)
     sampler = EpochSampler(problems, cfg.train.prompts_per_step, cfg.train.seed)
     total_steps = cfg.train.steps or cfg.train.epochs * sampler.steps_per_epoch
-    print_fn(f"opsd: {report.rows_kept} problems from {report.path}; {total_steps} steps of "
-             f"{cfg.train.prompts_per_step} prompts; loss {cfg.learner.loss.kind}; run dir {run_dir}")
+    return TrainingData(sampler, held_out, total_steps, f"{problems.num_rows} problems from {report.path}")
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run picks up: read from the checkpoint's ``client_state.json`` before any actor starts."""
+
+    checkpoint: Path
+    step: int  # steps already done
+    cursor: Cursor
+    heldout_gjs: dict[int, float]
+
+
+def find_resume_point(cfg: OPSDConfig, total_steps: int) -> ResumePoint | None:
+    resume = cfg.train.resume
+    if resume is None:
+        return None
+    if resume == "latest":
+        candidates = [p for p in (Path(cfg.train.run_dir) / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+        if not candidates:
+            raise ConfigError("train.resume", f"'latest': no checkpoint in {Path(cfg.train.run_dir) / 'checkpoints'}")
+        checkpoint = max(candidates, key=lambda p: int(p.name[5:]))
+    else:
+        checkpoint = Path(resume)
+    try:
+        state = read_client_state(checkpoint)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise ConfigError("train.resume", str(e)) from None
+    if state["group_step"] >= total_steps:
+        raise ConfigError("train.resume", f"{checkpoint} is at step {state['group_step']}: nothing left of the "
+                          f"{total_steps} steps this config runs (raise train.steps or train.epochs)")
+    return ResumePoint(checkpoint.resolve(), state["group_step"], Cursor(**state["cursor"]),
+                       {int(k): v for k, v in state.get("heldout_gjs", {}).items()})
+
+
+def train(cfg: OPSDConfig, print_fn=print) -> Path:
+    """Run the whole training job; returns the run directory."""
+    run_dir = Path(cfg.train.run_dir)
+    data = prepare_data(cfg)
+    resume = find_resume_point(cfg, data.total_steps)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    sampler, total_steps, first_step = data.sampler, data.total_steps, 0
+    print_fn(f"opsd: {data.description}; {total_steps} steps of {cfg.train.prompts_per_step} prompts; "
+             f"loss {cfg.learner.loss.kind}; run dir {run_dir}")
     timeout = cfg.placement.placement_timeout_s
     with ray_session(cfg, logical_cpus(cfg)) as where:
         print_fn(f"opsd: Ray {where}; dashboard {ray_dashboard_url()}")
         stages = start_stages(cfg, total_steps)
-        sink = MetricsSink(run_dir)
-        evaluations = {}
+        evaluations: dict[int, float] = {}
+        sink = None
         try:
             held_table = None
-            if held_out is not None:  # traces of the initial policy, scored once: the same table before and after
-                held_rollouts = merge_tables(ray.get(launch_rollouts(stages, held_out), timeout=timeout))
+            if data.held_out is not None:  # traces of the initial policy, scored once: the same table before and after
+                held_rollouts = merge_tables(ray.get(launch_rollouts(stages, data.held_out), timeout=timeout))
                 held_table = score(stages, held_rollouts, timeout)[0]
+            if resume is not None:
+                stages.learner.load_checkpoint(resume.checkpoint)
+                sampler.cursor, first_step, evaluations = resume.cursor, resume.step, dict(resume.heldout_gjs)
+                payload = stages.learner.export_adapter()
+                load_adapter_on_all(stages.rollout, payload.version, ray.put(payload))
+                print_fn(f"opsd: resumed from {resume.checkpoint} at step {first_step} (adapter v{payload.version})")
+            sink = MetricsSink(run_dir, keep_steps_up_to=first_step if resume is not None else None)
+            if held_table is not None and 0 not in evaluations:
                 evaluations[0] = stages.learner.evaluate(held_table)
                 print_fn(f"opsd: held-out GJS before training: {evaluations[0]:.5f} ({held_table.num_rows} traces)")
+            in_flight_from = sampler.cursor  # the data position of the batch in flight: where a resume restarts
             pending = launch_rollouts(stages, sampler.next_batch())
-            for step in range(total_steps):
+            for step in range(first_step, total_steps):
                 started = time.perf_counter()
                 rollouts = merge_tables(ray.get(pending, timeout=timeout))
                 rollout_seconds = time.perf_counter() - started
                 last = step == total_steps - 1
                 if cfg.train.max_staleness == 1 and not last:
+                    in_flight_from = sampler.cursor
                     pending = launch_rollouts(stages, sampler.next_batch())  # overlaps teacher + learner of this step
                 t0 = time.perf_counter()
                 scored, teacher_skipped, teacher_tokens = score(stages, rollouts, timeout)
@@ -190,6 +253,7 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                     load_adapter_on_all(stages.rollout, payload.version, ray.put(payload))
                 sync_seconds = time.perf_counter() - t0
                 if cfg.train.max_staleness == 0 and not last:
+                    in_flight_from = sampler.cursor
                     pending = launch_rollouts(stages, sampler.next_batch())
                 record = step_record(step, sampler, rollouts, learned, teacher_skipped, teacher_tokens,
                                      dict(rollout=rollout_seconds, teacher=teacher_seconds, learner=learner_seconds),
@@ -202,17 +266,21 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                 if (every and (step + 1) % every == 0) or last:
                     write_adapter_dir(payload, run_dir / "adapters" / f"v{payload.version}")
                 if every and (step + 1) % every == 0:
+                    # The rollouts in flight are not part of the checkpoint: a resumed run samples them again, on
+                    # the checkpoint's adapter, from the cursor they started at.
+                    cursor = sampler.cursor if last else in_flight_from
                     stages.learner.save_checkpoint(run_dir / "checkpoints" / f"step-{step + 1}",
-                                                   {"cursor": sampler.cursor.__dict__})
+                                                   {"cursor": cursor.__dict__, "heldout_gjs": evaluations})
         finally:
-            sink.close()
+            if sink is not None:
+                sink.close()
             stages.shutdown()
     summary = {"steps": total_steps, "final_adapter_version": stages.learner.version, "run_dir": str(run_dir),
                "heldout_gjs": evaluations}
     if evaluations:
         first, final = evaluations[0], evaluations[max(evaluations)]
         print_fn(f"opsd: held-out GJS {first:.5f} before, {final:.5f} after ({(final - first) / first:+.1%})")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return run_dir
 
 

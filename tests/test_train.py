@@ -1,10 +1,17 @@
-"""End to end on the tiny model on CPU: rollout (vLLM) -> teacher -> DeepSpeed learner -> adapter push, on Ray."""
+"""End to end on the tiny model on CPU: rollout (vLLM) -> teacher -> DeepSpeed learner -> adapter push, on Ray.
+
+One module-scoped run serves several tests: its records, its outputs, the metrics Ray served while it ran, and a
+second run that resumes from its step-2 checkpoint.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import threading
+import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,26 +19,72 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 from local_ray import local_ray  # noqa: E402
 
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.config import OPSDConfig, load_config  # noqa: E402
 from orchestrator.metrics import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA = REPO_ROOT / "tests" / "fixtures" / "data" / "gsm8k.jsonl"  # 5 problems
 
 
-def test_end_to_end_training_on_cpu(tiny_model_dir, tmp_path):
+def tiny_config(model_dir: Path, run_dir: Path, *overrides: str) -> OPSDConfig:
+    return load_config(REPO_ROOT / "recipes" / "tiny-cpu.yaml", [
+        f"model.path={model_dir}", f"data.path={DATA}", "data.limit=null", "train.prompts_per_step=1",
+        "rollout.max_response_tokens=8", f"train.run_dir={run_dir}", "train.checkpoint_every=2",
+        "rollout.cpu_threads_per_worker=1", "train.eval_rows=1", "learner.optim.lr=5e-3", *overrides,
+    ])
+
+
+class MetricsScraper(threading.Thread):
+    """Reads Ray's metrics endpoint every second while a run goes on; keeps the ``opsd_`` sample lines it saw."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.seen, self.stop = url, set(), threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            try:
+                text = urllib.request.urlopen(self.url, timeout=5).read().decode()
+            except OSError:
+                continue
+            self.seen |= {line.split("{")[0] for line in text.splitlines()
+                          if line.startswith("ray_opsd_") and not line.startswith("#")}
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    lines: list[str]
+    metric_names: set[str]
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_model_dir, tmp_path_factory) -> Run:
+    import ray
+
     from orchestrator.train import train
 
-    data = REPO_ROOT / "tests" / "fixtures" / "data" / "gsm8k.jsonl"  # 5 problems
-    cfg = load_config(REPO_ROOT / "recipes" / "tiny-cpu.yaml", [
-        f"model.path={tiny_model_dir}", f"data.path={data}", "data.limit=null", "train.prompts_per_step=1",
-        "rollout.max_response_tokens=8", f"train.run_dir={tmp_path / 'run'}", "train.checkpoint_every=2",
-        "rollout.cpu_threads_per_worker=1", "train.eval_rows=1", "learner.optim.lr=5e-3",
-    ])
-    lines = []
+    run_dir = tmp_path_factory.mktemp("train") / "run"
+    lines: list[str] = []
+    # Ray exports metrics every 10 s by default, longer than this run's steps: every second here (Ray's processes
+    # read their config from RAY_<name> variables when they start).
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")
     with local_ray(num_cpus=4):
-        run_dir = train(cfg, print_fn=lines.append)
-    records = read_metrics(run_dir)
+        scraper = MetricsScraper(f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics")
+        scraper.start()
+        try:
+            train(tiny_config(tiny_model_dir, run_dir), print_fn=lines.append)
+        finally:
+            scraper.stop.set()
+            scraper.join(timeout=10)
+            monkeypatch.undo()
+    return Run(run_dir, lines, scraper.seen)
+
+
+def test_every_row_once_and_every_adapter_version_reaches_the_rollout_workers(first_run):
+    records = read_metrics(first_run.run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]  # 4 training rows (1 held out), 1 per step, 1 epoch
     # Every training row trained on exactly once in the epoch; the held-out row never.
     rows = Counter(sid.split("@")[0] for r in records for sid in r["sample_ids"])
@@ -42,10 +95,54 @@ def test_end_to_end_training_on_cpu(tiny_model_dir, tmp_path):
     assert all(r["tokens"] > 0 and r["loss"] == r["loss"] for r in records)
     for stage in ("rollout", "teacher", "learner"):
         assert all(r[f"tokens_per_second/{stage}"] > 0 for r in records)
+
+
+def test_run_directory_and_progress(first_run):
+    run_dir, lines = first_run.run_dir, first_run.lines
     assert (run_dir / "adapters" / "v4" / "adapter_model.safetensors").is_file()
-    assert (run_dir / "checkpoints" / "step-2").is_dir()
+    assert (run_dir / "checkpoints" / "step-2" / "client_state.json").is_file()
     assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
     assert any(line.startswith("step 4/4") for line in lines)
     summary = json.loads((run_dir / "summary.json").read_text())
+    records = read_metrics(run_dir)
     assert set(summary["heldout_gjs"]) == {"0", "4"} and records[-1]["heldout_gjs"] == summary["heldout_gjs"]["4"]
     assert any("held-out GJS" in line and "before" in line for line in lines)
+
+
+def test_opsd_metrics_appear_at_the_ray_metrics_endpoint_during_the_run(first_run):
+    expected = {"ray_opsd_loss", "ray_opsd_gjs", "ray_opsd_step_seconds", "ray_opsd_tokens_per_second",
+                "ray_opsd_policy_staleness", "ray_opsd_adapter_sync_seconds"}
+    assert expected <= first_run.metric_names, f"seen at the endpoint: {sorted(first_run.metric_names)}"
+
+
+def test_resume_from_a_checkpoint_continues_with_the_next_rows_and_the_same_losses(first_run, tiny_model_dir,
+                                                                                    tmp_path):
+    from orchestrator.train import train
+
+    checkpoint = first_run.run_dir / "checkpoints" / "step-2"
+    lines: list[str] = []
+    with local_ray(num_cpus=4):
+        run_dir = train(tiny_config(tiny_model_dir, tmp_path / "resumed", f"train.resume={checkpoint}"),
+                        print_fn=lines.append)
+    resumed, straight = read_metrics(run_dir), read_metrics(first_run.run_dir)
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert any(f"resumed from {checkpoint}" in line for line in lines)
+    # The data cursor, the learner state (adapter, optimizer, schedule) and the adapter on the rollout workers came
+    # back: the same rows, the same policy versions and the same losses as the run that never stopped.
+    for a, b in zip(resumed, straight[2:]):
+        assert a["sample_ids"] == b["sample_ids"] and a["policy_versions"] == b["policy_versions"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["learning_rate"] == b["learning_rate"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    before = json.loads((first_run.run_dir / "summary.json").read_text())["heldout_gjs"]
+    assert summary["heldout_gjs"]["0"] == before["0"]  # the held-out baseline travels with the checkpoint
+    assert summary["heldout_gjs"]["4"] == pytest.approx(before["4"], rel=1e-4)
+
+
+def test_resume_without_a_checkpoint_fails_before_any_work(tmp_path, tiny_model_dir):
+    from opsd.configlib import ConfigError
+    from orchestrator.train import train
+
+    cfg = tiny_config(tiny_model_dir, tmp_path / "fresh", "train.resume=latest")
+    with pytest.raises(ConfigError, match="train.resume.*no checkpoint"):
+        train(cfg)
+    assert not (tmp_path / "fresh").exists()
