@@ -11,6 +11,7 @@ from opsd.configlib import check
 # adapter the learner exports, so the learner may not train any other rank.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
+NON_LORA_MODULES = ("lm_head", "embed_tokens")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -41,6 +42,11 @@ class LoraConfig:
         check(len(self.target_modules) > 0, "target_modules", "must name at least one module")
         for i, name in enumerate(self.target_modules):
             check(bool(name.strip()), f"target_modules[{i}]", "must be a non-empty module name")
+            # The loss multiplies by the base lm_head, and the rollout engines put adapters on the transformer
+            # blocks' linear layers only: an adapter on these would be trained but never served.
+            check(name.split(".")[-1] not in NON_LORA_MODULES, f"target_modules[{i}]",
+                  f"{name!r} cannot carry an adapter here: only the attention and MLP projections can "
+                  f"(not {', '.join(NON_LORA_MODULES)})")
 
 
 @dataclass

@@ -87,6 +87,19 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def run_throughput(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Tokens per second of each stage over a whole run: all its tokens over all its seconds (not a mean of rates)."""
+    out = {}
+    for stage in STAGES:
+        seconds = tokens = 0.0
+        for r in records:
+            rate, secs = r.get(f"tokens_per_second/{stage}"), r.get(f"stage_seconds/{stage}")
+            if _is_number(rate) and _is_number(secs):
+                seconds, tokens = seconds + secs, tokens + rate * secs
+        out[stage] = tokens / seconds if seconds > 0 else 0.0
+    return out
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 

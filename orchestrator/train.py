@@ -45,7 +45,7 @@ from opsd.adapter import write_adapter_dir  # noqa: E402
 from opsd.atomic import write_text_atomic  # noqa: E402
 from orchestrator.config import OPSDConfig, load_config, save_config  # noqa: E402
 from orchestrator.data import load_dataset  # noqa: E402
-from orchestrator.metrics import MetricsSink  # noqa: E402
+from orchestrator.metrics import MetricsSink, read_metrics, run_throughput  # noqa: E402
 from orchestrator.sampler import Cursor, EpochSampler  # noqa: E402
 from rollout.actor import load_adapter_on_all, start_rollout_actors  # noqa: E402
 from rollout.resources import ModelSpec  # noqa: E402
@@ -275,12 +275,15 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
             if sink is not None:
                 sink.close()
             stages.shutdown()
+    throughput = run_throughput(read_metrics(run_dir))
     summary = {"steps": total_steps, "final_adapter_version": stages.learner.version, "run_dir": str(run_dir),
-               "heldout_gjs": evaluations}
+               "heldout_gjs": evaluations, "tokens_per_second": throughput}
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if evaluations:
         first, final = evaluations[0], evaluations[max(evaluations)]
         print_fn(f"opsd: held-out GJS {first:.5f} before, {final:.5f} after ({(final - first) / first:+.1%})")
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    print_fn("opsd: tokens/s over the run: " + ", ".join(f"{stage} {rate:,.0f}" for stage, rate in throughput.items()))
+    print_fn(f"opsd: run directory {run_dir.resolve()} (curves: opsd plot {run_dir})")
     return run_dir
 
 

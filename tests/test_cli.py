@@ -56,14 +56,19 @@ def test_prompts_prints_student_and_teacher_prompt(tiny_model_dir: Path, capsys)
     assert "tokens over 5 rows" in out
 
 
-def test_quickstart_runs_every_step(smollm2_dir: Path, tmp_path: Path, capsys, monkeypatch):
+@pytest.mark.slow
+def test_quickstart_trains_and_reports(smollm2_dir: Path, tmp_path: Path, capsys, monkeypatch):
     models = tmp_path / "models"
     models.mkdir()
     (models / "smollm2-135m-instruct").symlink_to(smollm2_dir)  # reuse the session's import
     monkeypatch.chdir(REPO_ROOT)
-    assert main(["quickstart", "--models-dir", str(models)]) == 0
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the embedded cluster must not write ~/.ray/auth_token here
+    run_dir = tmp_path / "run"
+    assert main(["quickstart", "--models-dir", str(models), "train.steps=2", "train.prompts_per_step=1",
+                 "train.eval_rows=1", "rollout.max_response_tokens=8", f"train.run_dir={run_dir}"]) == 0
     out = capsys.readouterr().out
-    for step in ("[1/4] model", "[2/4] config", "[3/4] data and prompts", "[4/4] the untrained student"):
+    for step in ("[1/3] model", "[2/3] config", "[3/3] training", "step 2/2", "quickstart done"):
         assert step in out
-    assert "1000 rows kept of 1000 read" in out
-    assert "Not yet here: OPSD training" in out
+    assert "held-out GJS" in out and "before" in out and "after" in out
+    assert "tokens/s over the run: rollout" in out and f"run directory {run_dir.resolve()}" in out
+    assert (run_dir / "curves.png").is_file() and (run_dir / "adapters" / "v2").is_dir()

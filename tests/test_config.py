@@ -213,6 +213,13 @@ def test_list_item_error_names_the_index():
     assert err.key == "learner.lora.target_modules[1]"
 
 
+def test_lora_on_the_output_head_or_embeddings_is_refused():
+    err = error_of(load_config, None, DATA + ["learner.lora.target_modules=[q_proj, lm_head]"])
+    assert err.key == "learner.lora.target_modules[1]" and "only the attention and MLP projections" in str(err)
+    err = error_of(load_config, None, DATA + ["learner.lora.target_modules=[model.embed_tokens]"])
+    assert err.key == "learner.lora.target_modules[0]"
+
+
 def test_literal_error_lists_choices_and_suggests():
     err = error_of(load_config, None, DATA + ["learner.loss.kind=topk"])
     assert err.key == "learner.loss.kind"

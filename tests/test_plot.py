@@ -1,0 +1,58 @@
+"""`opsd plot`: curves from a run's metrics.jsonl (as MetricsSink writes it) to a PNG; bad files named precisely."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.metrics import MetricsSink
+from orchestrator.plot import MetricsFileError, plot_run
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(run_dir, steps: int) -> None:
+    sink = MetricsSink(run_dir, export_to_ray=False)
+    for step in range(1, steps + 1):
+        record = {"step": step, "loss": 1.0 / step, "gjs": 1.1 / step, "step_seconds": 2.0}
+        if step % 2 == 0:
+            record["heldout_gjs"] = 1.2 / step
+        for stage, rate in (("rollout", 100.0), ("teacher", 500.0), ("learner", 300.0)):
+            record[f"tokens_per_second/{stage}"] = rate + step
+            record[f"stage_seconds/{stage}"] = 0.5
+        sink.record(record)
+    sink.close()
+
+
+def test_plot_writes_a_png_of_the_run(tmp_path):
+    import matplotlib.image
+
+    write_run(tmp_path, steps=6)
+    out = plot_run(tmp_path)
+    assert out == tmp_path / "curves.png"
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 500 and image.shape[1] > 500
+    assert image.std() > 0.01  # curves were drawn, not a blank canvas
+    assert not list(tmp_path.glob(".*tmp*"))  # written through a temporary file, nothing left over
+
+
+def test_plot_to_a_chosen_file_and_the_cli(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    write_run(tmp_path / "run", steps=3)
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "figs" / "a.png")]) == 0
+    assert (tmp_path / "figs" / "a.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert str(tmp_path / "figs" / "a.png") in capsys.readouterr().out
+
+
+def test_plot_names_the_file_and_line_of_bad_metrics(tmp_path):
+    with pytest.raises(MetricsFileError, match="metrics.jsonl: no such file"):
+        plot_run(tmp_path)
+    write_run(tmp_path, steps=2)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 0.1\n')
+    with pytest.raises(MetricsFileError, match=r"metrics.jsonl, line 3: not JSON"):
+        plot_run(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"loss": 0.1}\n')
+    with pytest.raises(MetricsFileError, match=r"line 1: field 'step'"):
+        plot_run(tmp_path)
