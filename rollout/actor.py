@@ -3,13 +3,14 @@
 The actor is the plain class, unchanged (``ray.remote(RolloutWorker)``): one engine per actor process, which is
 also what vLLM needs (its in-process CPU engine must be built under ``__main__`` or in an actor). Resource requests
 follow the config: on CPU the actor asks Ray for as many CPUs as the cores its engine binds to, on GPU for
-``gpus_per_worker`` GPUs. Every wait is bounded.
+``gpus_per_worker`` GPUs; ``start_rollout_actors(options=...)`` puts each worker on its placement-group bundle
+(``orchestrator.placement``), overriding those defaults. Every wait is bounded.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pyarrow as pa
 import ray
@@ -41,15 +42,20 @@ def actor_options(config: RolloutConfig, cpu_cores: Sequence[int] | None = None)
 
 def start_rollout_actors(model: ModelSpec, config: RolloutConfig, prompts: PromptConfig | None = None, *,
                          cpu_cores: Sequence[Sequence[int]] | None = None,
+                         options: Sequence[Mapping[str, Any]] | None = None,
                          timeout_s: float = DEFAULT_START_TIMEOUT_S) -> list[ray.actor.ActorHandle]:
     """``config.num_workers`` actors, each with its engine started (``cpu_cores[i]``: worker i's cores on CPU;
-    default: the i-th block of the machine's cores). Raises ``ray.exceptions.GetTimeoutError`` after ``timeout_s``."""
-    if cpu_cores is not None and len(cpu_cores) != config.num_workers:
-        raise ValueError(f"cpu_cores lists {len(cpu_cores)} workers, config.num_workers is {config.num_workers}")
+    default: the i-th block of the machine's cores). ``options[i]``: Ray actor options of worker i (e.g. its
+    placement-group bundle, ``orchestrator.placement.Reservation.options_for("rollout", i)``), merged over
+    :func:`actor_options`. Raises ``ray.exceptions.GetTimeoutError`` after ``timeout_s``."""
+    for name, given in (("cpu_cores", cpu_cores), ("options", options)):
+        if given is not None and len(given) != config.num_workers:
+            raise ValueError(f"{name} lists {len(given)} workers, config.num_workers is {config.num_workers}")
     actors = []
     for index in range(config.num_workers):
         cores = cpu_cores[index] if cpu_cores is not None else None
-        actors.append(RolloutActor.options(**actor_options(config, cores)).remote(
+        merged = {**actor_options(config, cores), **(options[index] if options is not None else {})}
+        actors.append(RolloutActor.options(**merged).remote(
             model, config, prompts, worker_index=index, cpu_cores=cores))
     try:
         ray.get([actor.info.remote() for actor in actors], timeout=timeout_s)  # engines up, or the start error

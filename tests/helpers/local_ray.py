@@ -20,7 +20,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @contextmanager
-def local_ray(num_cpus: int) -> Iterator[None]:
+def local_ray(num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | None = None) -> Iterator[None]:
+    """``num_gpus``: fake GPUs for placement tests (Ray assigns their ids and ``CUDA_VISIBLE_DEVICES`` per actor;
+    nothing runs on them). ``resources``: extra custom resources."""
     import ray
     from ray._private import ray_constants
 
@@ -34,7 +36,7 @@ def local_ray(num_cpus: int) -> Iterator[None]:
     previous = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=False,
                  _node_ip_address="127.0.0.1")
         yield
     finally:
