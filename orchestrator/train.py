@@ -14,7 +14,7 @@ model work happens in the stage actors:
 ``train.max_staleness`` 0 (the paper): the rollouts of step n+1 start after adapter n+1 is loaded. 1: they start
 right after the rollouts of step n, on adapter n, and overlap the teacher and learner of step n.
 Outputs go to ``train.run_dir``: ``config.yaml``, ``metrics.jsonl``, ``adapters/vN/`` (PEFT directories),
-``checkpoints/step-N/``, ``summary.json``.
+``checkpoints/step-N/``, ``summary.json``. The actors and the calls on them live in :mod:`orchestrator.stages`.
 """
 
 from __future__ import annotations
@@ -39,35 +39,16 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 import ray  # noqa: E402
 
-from learner.group import FullTeacherSettings, LearnerGroup, read_client_state  # noqa: E402
-from opsd.configlib import ConfigError  # noqa: E402
+from learner.group import read_client_state  # noqa: E402
 from opsd.adapter import write_adapter_dir  # noqa: E402
 from opsd.atomic import write_text_atomic  # noqa: E402
+from opsd.configlib import ConfigError  # noqa: E402
 from orchestrator.config import OPSDConfig, load_config, save_config  # noqa: E402
 from orchestrator.data import load_dataset  # noqa: E402
 from orchestrator.metrics import MetricsSink, read_metrics, run_throughput  # noqa: E402
 from orchestrator.sampler import Cursor, EpochSampler  # noqa: E402
-from rollout.actor import load_adapter_on_all, start_rollout_actors  # noqa: E402
-from rollout.resources import ModelSpec  # noqa: E402
-from rollout.sharding import merge_tables, shard_rows  # noqa: E402
+from orchestrator.stages import logical_cpus, start_stages  # noqa: E402
 from rollout.table import rollout_stats  # noqa: E402
-from teacher.actor import TeacherActor  # noqa: E402
-
-
-@dataclass
-class Stages:
-    rollout: list
-    teachers: list
-    learner: LearnerGroup
-
-    def shutdown(self) -> None:
-        self.learner.shutdown()
-        try:  # let the engines remove their adapter scratch directories; bounded, then killed regardless
-            ray.get([actor.close.remote() for actor in self.rollout], timeout=60)
-        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
-            pass
-        for actor in self.rollout + self.teachers:
-            ray.kill(actor)
 
 
 @contextmanager
@@ -86,60 +67,6 @@ def ray_session(cfg: OPSDConfig, logical_cpus: int) -> Iterator[str]:
         yield address or "embedded"
     finally:
         ray.shutdown()
-
-
-def cpu_mode(cfg: OPSDConfig) -> bool:
-    return cfg.placement.mode == "cpu" or (cfg.placement.mode == "auto" and cfg.rollout.gpus_per_worker == 0)
-
-
-def logical_cpus(cfg: OPSDConfig) -> int:
-    """CPUs an embedded cluster declares. On CPU the stages run one after another and time-share the cores, so each
-    actor gets its own logical CPUs and the declared total may exceed the physical cores."""
-    cores = os.cpu_count() or 1
-    teachers = cfg.teacher.num_workers if cfg.learner.loss.kind != "full" else 0
-    return max(cores, cores + teachers + cfg.learner.num_workers)
-
-
-def start_stages(cfg: OPSDConfig, total_steps: int) -> Stages:
-    model = cfg.model
-    on_cpu = cpu_mode(cfg)
-    rollout = start_rollout_actors(
-        ModelSpec(model.path, model.tokenizer, model.revision, model.trust_remote_code, model.dtype), cfg.rollout,
-        cfg.prompt)
-    teachers = []
-    if cfg.learner.loss.kind != "full":
-        options = {"num_cpus": 1, "num_gpus": 0 if on_cpu else cfg.teacher.gpus_per_worker}
-        teachers = [TeacherActor.options(**options).remote(
-            model.path, cfg.teacher, temperature=cfg.learner.loss.temperature, prompt=cfg.prompt,
-            tokenizer_path=model.tokenizer, revision=model.revision, trust_remote_code=model.trust_remote_code,
-            device="cpu" if on_cpu else None) for _ in range(cfg.teacher.num_workers)]
-        ray.get([t.__ray_ready__.remote() for t in teachers], timeout=cfg.placement.placement_timeout_s)
-    learner = LearnerGroup(
-        model.path, cfg.learner, total_steps=total_steps, seed=cfg.train.seed, expected_top_k=cfg.teacher.top_k,
-        full_teacher=FullTeacherSettings(cfg.prompt, cfg.teacher.max_context_tokens or 32_768, cfg.teacher.on_overlength),
-        tokenizer_path=model.tokenizer, revision=model.revision, trust_remote_code=model.trust_remote_code,
-        actor_options={"num_cpus": 1, "num_gpus": 0 if on_cpu else cfg.learner.gpus_per_worker},
-        timeout_s=cfg.placement.placement_timeout_s,
-    )
-    return Stages(rollout, teachers, learner)
-
-
-def launch_rollouts(stages: Stages, problems: pa.Table) -> list:
-    return [actor.generate.remote(shard) for actor, shard in zip(stages.rollout, shard_rows(problems, len(stages.rollout)))]
-
-
-def score(stages: Stages, rollouts: pa.Table, timeout_s: float) -> tuple[pa.Table, dict[str, int], float]:
-    """Teacher columns for every row (sharded over the teacher actors); rows the teacher skips are counted."""
-    if not stages.teachers:
-        return rollouts, {}, 0.0
-    shards = [s for s in shard_rows(rollouts, len(stages.teachers)) if s.num_rows]
-    results = ray.get([t.score.remote(s) for t, s in zip(stages.teachers, shards)], timeout=timeout_s)
-    skipped: dict[str, int] = {}
-    for r in results:
-        for reason, count in r.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + count
-    tokens = sum(r.tokens for r in results)
-    return merge_tables([r.table for r in results]), skipped, tokens
 
 
 @dataclass
@@ -210,39 +137,37 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     sampler, total_steps, first_step = data.sampler, data.total_steps, 0
     print_fn(f"opsd: {data.description}; {total_steps} steps of {cfg.train.prompts_per_step} prompts; "
              f"loss {cfg.learner.loss.kind}; run dir {run_dir}")
-    timeout = cfg.placement.placement_timeout_s
     with ray_session(cfg, logical_cpus(cfg)) as where:
         print_fn(f"opsd: Ray {where}; dashboard {ray_dashboard_url()}")
-        stages = start_stages(cfg, total_steps)
+        stages = start_stages(cfg, total_steps, log=print_fn)
         evaluations: dict[int, float] = {}
         sink = None
         try:
             held_table = None
             if data.held_out is not None:  # traces of the initial policy, scored once: the same table before and after
-                held_rollouts = merge_tables(ray.get(launch_rollouts(stages, data.held_out), timeout=timeout))
-                held_table = score(stages, held_rollouts, timeout)[0]
+                held_table = stages.score(stages.collect_rollouts(stages.launch_rollouts(data.held_out)))[0]
             if resume is not None:
                 stages.learner.load_checkpoint(resume.checkpoint)
                 sampler.cursor, first_step, evaluations = resume.cursor, resume.step, dict(resume.heldout_gjs)
                 payload = stages.learner.export_adapter()
-                load_adapter_on_all(stages.rollout, payload.version, ray.put(payload))
+                stages.push_adapter(payload)
                 print_fn(f"opsd: resumed from {resume.checkpoint} at step {first_step} (adapter v{payload.version})")
             sink = MetricsSink(run_dir, keep_steps_up_to=first_step if resume is not None else None)
             if held_table is not None and 0 not in evaluations:
                 evaluations[0] = stages.learner.evaluate(held_table)
                 print_fn(f"opsd: held-out GJS before training: {evaluations[0]:.5f} ({held_table.num_rows} traces)")
             in_flight_from = sampler.cursor  # the data position of the batch in flight: where a resume restarts
-            pending = launch_rollouts(stages, sampler.next_batch())
+            pending = stages.launch_rollouts(sampler.next_batch())
             for step in range(first_step, total_steps):
                 started = time.perf_counter()
-                rollouts = merge_tables(ray.get(pending, timeout=timeout))
+                rollouts = stages.collect_rollouts(pending)
                 rollout_seconds = time.perf_counter() - started
                 last = step == total_steps - 1
                 if cfg.train.max_staleness == 1 and not last:
                     in_flight_from = sampler.cursor
-                    pending = launch_rollouts(stages, sampler.next_batch())  # overlaps teacher + learner of this step
+                    pending = stages.launch_rollouts(sampler.next_batch())  # overlaps teacher + learner of this step
                 t0 = time.perf_counter()
-                scored, teacher_skipped, teacher_tokens = score(stages, rollouts, timeout)
+                scored, teacher_skipped, teacher_tokens = stages.score(rollouts)
                 teacher_seconds = time.perf_counter() - t0
                 t0 = time.perf_counter()
                 learned = stages.learner.train_step(scored)
@@ -250,14 +175,16 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                 t0 = time.perf_counter()
                 payload = stages.learner.export_adapter()
                 if not learned.skipped:
-                    load_adapter_on_all(stages.rollout, payload.version, ray.put(payload))
+                    stages.push_adapter(payload)
                 sync_seconds = time.perf_counter() - t0
                 if cfg.train.max_staleness == 0 and not last:
                     in_flight_from = sampler.cursor
-                    pending = launch_rollouts(stages, sampler.next_batch())
+                    pending = stages.launch_rollouts(sampler.next_batch())
                 record = step_record(step, sampler, rollouts, learned, teacher_skipped, teacher_tokens,
                                      dict(rollout=rollout_seconds, teacher=teacher_seconds, learner=learner_seconds),
                                      sync_seconds, time.perf_counter() - started, stages.learner.version)
+                record["rows_in_flight"] = 0 if last else pending.num_rows  # the next step's, already sampling
+                record["workers_replaced"] = sum(stages.replaced.values())
                 if held_table is not None and (last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
                     evaluations[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(held_table)
                 sink.record(record)
@@ -300,7 +227,7 @@ def step_record(step, sampler, rollouts, learned, teacher_skipped, teacher_token
         "sample_ids": rollouts.column("sample_id").to_pylist(), "policy_versions": sorted(versions),
         "policy_staleness": learned.staleness_mean, "step_seconds": total, "adapter_sync_seconds": sync_seconds,
         "rollout_length_mean": sum(lengths) / len(lengths),
-        "truncation_rate": stats.truncated / max(stats.samples, 1), "rows_in_flight": 0,
+        "truncation_rate": stats.truncated / max(stats.samples, 1),
         "adapter_version": adapter_version,
     }
     stage_tokens = {"rollout": stats.generated_tokens, "teacher": teacher_tokens, "learner": learned.tokens}

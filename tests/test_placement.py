@@ -124,7 +124,7 @@ def test_colocate_refuses_fractions_over_one_gpu_and_tensor_parallelism():
 
 
 def test_cpu_plan_gives_each_engine_the_cpus_of_its_cores_and_fits_the_embedded_cluster():
-    from orchestrator.train import logical_cpus
+    from orchestrator.stages import logical_cpus
 
     cfg = config(recipe="tiny-cpu.yaml")
     plan = ResourcePlan.from_config(cfg, node_cores=2)
@@ -132,7 +132,7 @@ def test_cpu_plan_gives_each_engine_the_cpus_of_its_cores_and_fits_the_embedded_
     assert plan.pool_groups("rollout")[0].bundles == (Bundle(cpu=2),)  # one engine binds both cores
     assert [s.num_gpus for s in plan.slots] == [0, 0, 0]
     assert plan.totals() == {"CPU": 4}
-    # The embedded cluster (train.logical_cpus: the machine's cores plus one per teacher and learner actor, since
+    # The embedded cluster (stages.logical_cpus: the machine's cores plus one per teacher and learner actor, since
     # the stages time-share the cores) holds the CPU plan of this machine.
     for overrides in ([], ["rollout.num_workers=2"], ["rollout.cpu_threads_per_worker=1"],
                       ["teacher.num_workers=2", "learner.num_workers=2"]):
