@@ -20,9 +20,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 @contextmanager
-def local_ray(num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | None = None) -> Iterator[None]:
+def local_ray(num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | None = None,
+              dashboard_port: int | None = None) -> Iterator[None]:
     """``num_gpus``: fake GPUs for placement tests (Ray assigns their ids and ``CUDA_VISIBLE_DEVICES`` per actor;
-    nothing runs on them). ``resources``: extra custom resources."""
+    nothing runs on them). ``resources``: extra custom resources. ``dashboard_port``: start the dashboard (and its
+    job server) on 127.0.0.1 at that port; None: no dashboard."""
     import ray
     from ray._private import ray_constants
 
@@ -36,8 +38,8 @@ def local_ray(num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | No
     previous = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     try:
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=False,
-                 _node_ip_address="127.0.0.1")
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, include_dashboard=dashboard_port is not None,
+                 dashboard_host="127.0.0.1", dashboard_port=dashboard_port, _node_ip_address="127.0.0.1")
         yield
     finally:
         ray.shutdown()
