@@ -6,6 +6,8 @@
     sharding.py   shard a batch over R workers, merge their tables back in order
     table.py      sample ids and seeds of the n traces of a prompt, the rollout table, its statistics
     adapters.py   checks an adapter version against the engine before it is loaded
+    serving.py    how an engine serves adapter versions: vLLM LoRA, or merged into its weights (CPU default)
+    merge.py      W0 + scale * B @ A as PEFT computes it, and the base weights read from the checkpoint
     resources.py  engine arguments, start environment and CPU cores
 
 Importing this package imports neither vLLM nor Ray (``rollout.actor`` imports Ray; vLLM is imported when a worker

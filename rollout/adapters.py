@@ -14,8 +14,10 @@ it:
   and the rank imply, all values finite.
 
 The model's layers are read from a meta-device instance of its Hugging Face class (no weights, no memory), so the
-names are the ones PEFT writes in the adapter file. What vLLM still refuses after this (an unsupported PEFT
-option) is reported by the worker as an :class:`AdapterError` too.
+names are the ones PEFT writes in the adapter file. These checks are shared by both ways of serving an adapter
+(``rollout.adapter_serving``). What vLLM still refuses after this in ``lora`` mode (an unsupported PEFT option) is
+reported by the worker as an :class:`AdapterError` too; ``merged`` mode refuses such options itself
+(:func:`rollout.merge.check_mergeable`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opsd.adapter import AdapterError, AdapterPayload
+
+if TYPE_CHECKING:
+    import torch
 
 _LORA_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _UNSUPPORTED_FLAGS = {
@@ -77,9 +83,22 @@ def same_base_model(recorded: str, served: str) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class LoraWeights:
+    """One layer's LoRA pair as PEFT stores it: ``a`` (rank, in_features), ``b`` (out_features, rank)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
 def validate_adapter(payload: AdapterPayload, target: AdapterTarget) -> int:
     """Raise :class:`AdapterError` naming the first problem of ``payload`` for ``target``; else return the number
     of LoRA layers it holds."""
+    return len(validated_lora_weights(payload, target))
+
+
+def validated_lora_weights(payload: AdapterPayload, target: AdapterTarget) -> dict[str, LoraWeights]:
+    """:func:`validate_adapter`, returning the checked weights: ``{module name: LoraWeights}``."""
     where = f"adapter version {payload.version}"
     _check_config(payload, target, where)
     return _check_weights(payload, target, where)
@@ -133,7 +152,7 @@ def _check_config(payload: AdapterPayload, target: AdapterTarget, where: str) ->
             )
 
 
-def _check_weights(payload: AdapterPayload, target: AdapterTarget, where: str) -> int:
+def _check_weights(payload: AdapterPayload, target: AdapterTarget, where: str) -> dict[str, LoraWeights]:
     import torch
     from safetensors.torch import load as load_safetensors
 
@@ -180,4 +199,4 @@ def _check_weights(payload: AdapterPayload, target: AdapterTarget, where: str) -
                 raise AdapterError(f"{where}: {module}.{name} has dtype {tensor.dtype}, expected a float type")
             if not bool(torch.isfinite(tensor).all()):
                 raise AdapterError(f"{where}: {module}.{name} holds NaN or infinite values")
-    return len(pairs)
+    return {module: LoraWeights(a=pair["A"], b=pair["B"]) for module, pair in sorted(pairs.items())}

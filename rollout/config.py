@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from opsd.configlib import check
+from opsd.configlib import ConfigError, check
 
 # LoRA ranks a vLLM engine can be built for (vllm.config.lora.MaxLoRARanks). An adapter of any rank up to the
 # engine's maximum loads: vLLM pads smaller ranks.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+AdapterServing = Literal["lora", "merged"]
+ADAPTER_SERVING_CHOICES = ("auto", "lora", "merged")
 
 
 @dataclass
@@ -74,6 +77,15 @@ class RolloutConfig:
             + " (vLLM's choices); adapters of a smaller rank load too."
         },
     )
+    adapter_serving: Literal["auto", "lora", "merged"] = field(
+        default="auto",
+        metadata={
+            "doc": "How an engine serves the learner's adapter versions. 'lora': vLLM's LoRA support (the adapter "
+            "is applied at every token; fast with vLLM's GPU kernels). 'merged': the engine runs without LoRA and "
+            "each version is written into its weights as W0 + scale * B @ A (CPU only: vLLM 0.32's CPU LoRA path "
+            "decodes ~10x slower than the base model). 'auto': 'merged' on CPU, 'lora' on GPU."
+        },
+    )
     on_long_prompt: Literal["error", "skip"] = field(
         default="error",
         metadata={
@@ -112,6 +124,11 @@ class RolloutConfig:
             "max_lora_rank",
             f"must be one of {', '.join(map(str, VLLM_MAX_LORA_RANKS))} (vLLM's choices), got {self.max_lora_rank}",
         )
+        check(
+            self.adapter_serving in ADAPTER_SERVING_CHOICES,
+            "adapter_serving",
+            f"must be one of {', '.join(map(repr, ADAPTER_SERVING_CHOICES))}, got {self.adapter_serving!r}",
+        )
         if self.max_model_len is not None:
             # The engine must hold a prompt and a full-length response.
             check(
@@ -120,6 +137,24 @@ class RolloutConfig:
                 f"must be > max_response_tokens ({self.max_response_tokens}) to leave room for the prompt, "
                 f"got {self.max_model_len}",
             )
+
+
+def resolve_adapter_serving(mode: str, *, on_cpu: bool) -> AdapterServing:
+    """The serving mode an engine uses on this device: ``auto`` is ``merged`` on CPU and ``lora`` on GPU.
+
+    ``merged`` writes weights into the engine through its in-process model (see :mod:`rollout.serving`), which only
+    the CPU engine is (on GPU vLLM runs its engine core in another process); there vLLM's LoRA kernels serve
+    adapters at full speed anyway. So ``merged`` on GPU is refused rather than quietly served as LoRA.
+    """
+    if mode == "auto":
+        return "merged" if on_cpu else "lora"
+    if mode == "merged" and not on_cpu:
+        raise ConfigError("rollout.adapter_serving", "'merged' is implemented for CPU engines only (vLLM in-process); "
+                          "on GPU use 'lora' or 'auto' (vLLM's LoRA kernels serve adapters at full speed there)")
+    if mode not in ("lora", "merged"):
+        raise ConfigError("rollout.adapter_serving",
+                          f"must be one of {', '.join(map(repr, ADAPTER_SERVING_CHOICES))}, got {mode!r}")
+    return mode  # type: ignore[return-value]
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int, n: int, seed: int) -> None:

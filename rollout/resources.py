@@ -16,11 +16,16 @@ CPU (no GPU visible to vLLM):
   executor reads it; set so that it never contradicts the actual binding). By default worker ``i`` of
   ``num_workers`` gets the ``i``-th block of ``cpu_threads_per_worker`` cores (or an even split): with two
   workers on a 2-core machine, cores 0 and 1.
-* **LoRA on the transformer blocks only** (``lora_target_modules``): see :func:`engine_launch`.
+* **No LoRA in the engine by default** (``rollout.adapter_serving: auto`` is ``merged`` on CPU): vLLM 0.32's CPU
+  LoRA path re-copies the LoRA weights at every token of every LoRA layer, so decoding with an adapter ran ~10x
+  slower than the base model (benchmarks/RESULTS.md). Adapter versions are merged into the engine's weights instead
+  (:mod:`rollout.serving`) and the engine is built without ``enable_lora``. With ``adapter_serving: lora`` the
+  engine gets LoRA slots on the transformer blocks only (``lora_target_modules``, see :func:`engine_launch`).
 * ``enforce_eager`` (config, default on): compiling took 88 s to start and gave no speed-up on CPU.
 
 GPU: vLLM's defaults (engine core in its own process), with ``tensor_parallel_size`` and
-``gpu_memory_utilization`` from config; no variables are set and no cores are bound.
+``gpu_memory_utilization`` from config; no variables are set and no cores are bound. Adapters are served with vLLM's
+LoRA kernels (``adapter_serving: auto`` is ``lora`` there).
 
 Environment variables are set only around the engine's construction and restored afterwards, so nothing leaks into
 the caller's process (vLLM caches its variables once its engine is up). In a Ray actor the process is the worker's
@@ -89,12 +94,13 @@ def cpu_cores_for(worker_index: int, num_workers: int, threads_per_worker: int |
     return tuple(cores[worker_index * per_worker:(worker_index + 1) * per_worker])
 
 
-def engine_launch(model: ModelSpec, config: RolloutConfig, *, on_cpu: bool, lora_layers: Sequence[str],
+def engine_launch(model: ModelSpec, config: RolloutConfig, *, on_cpu: bool, lora_layers: Sequence[str] | None,
                   cpu_cores: Sequence[int] | None = None) -> EngineLaunch:
     """The engine arguments and start environment for ``model`` under ``config`` (see the module docstring).
 
     ``lora_layers``: short names of the linear layers adapters may target (``q_proj``, ...; see
-    :func:`rollout.adapters.model_linear_shapes`). Only those get LoRA slots in the engine.
+    :func:`rollout.adapters.model_linear_shapes`). Only those get LoRA slots in the engine. None: an engine without
+    LoRA (adapters served as merged weights, :mod:`rollout.serving`).
     """
     kwargs: dict[str, Any] = dict(
         model=model.path,
@@ -106,18 +112,21 @@ def engine_launch(model: ModelSpec, config: RolloutConfig, *, on_cpu: bool, lora
         seed=config.seed,
         max_model_len=config.max_model_len,
         enforce_eager=config.enforce_eager,
-        enable_lora=True,
-        max_lora_rank=config.max_lora_rank,
-        # LoRA slots on the transformer blocks' linear layers only. Left to itself vLLM also wraps the output head,
-        # and then adds a (vocabulary x rank) LoRA product to the logits at every step even for the base model:
-        # on CPU that made decoding with a 151,936-token vocabulary many times slower.
-        lora_target_modules=sorted(lora_layers),
-        # One adapter version serves at a time; room for two while the next one loads.
-        max_loras=1,
-        max_cpu_loras=2,
         # Log-probs of the sampled token as sampled: after temperature, top-k and top-p (see rollout.worker).
         logprobs_mode="processed_logprobs",
     )
+    if lora_layers is not None:
+        kwargs.update(
+            enable_lora=True,
+            max_lora_rank=config.max_lora_rank,
+            # LoRA slots on the transformer blocks' linear layers only. Left to itself vLLM also wraps the output
+            # head, and then adds a (vocabulary x rank) LoRA product to the logits at every step even for the base
+            # model: on CPU that made decoding with a 151,936-token vocabulary many times slower.
+            lora_target_modules=sorted(lora_layers),
+            # One adapter version serves at a time; room for two while the next one loads.
+            max_loras=1,
+            max_cpu_loras=2,
+        )
     if not on_cpu:
         kwargs.update(tensor_parallel_size=config.tensor_parallel_size,
                       gpu_memory_utilization=config.gpu_memory_utilization)

@@ -1,7 +1,7 @@
 """RolloutWorker: a vLLM engine that samples the student's traces and hot-loads LoRA adapter versions.
 
-A plain class (usable without Ray; :mod:`rollout.actor` makes it a Ray actor). It serves one base model with LoRA
-enabled and one adapter version at a time::
+A plain class (usable without Ray; :mod:`rollout.actor` makes it a Ray actor). It serves one base model and one
+adapter version at a time::
 
     worker = RolloutWorker(ModelSpec("Qwen/Qwen3-1.7B"), rollout_config)
     table = worker.generate(problems)             # problems: opsd.schema.PROBLEM_SCHEMA rows
@@ -30,11 +30,24 @@ Decisions:
 * **Prompt length**: a prompt longer than ``max_model_len - max_tokens`` cannot get its full response budget. It
   is refused before anything is generated, naming the sample ids (:class:`PromptTooLongError`), or with
   ``on_long_prompt: skip`` left out and counted (``RolloutStats.skipped_ids``). The engine never sees it.
-* **Adapter versions**: each load gets a fresh LoRA name and int id (so no prefix-cache entry of an older version
-  is reused), is validated before the engine sees it (:mod:`rollout.adapters`), is written to this worker's own
-  temp directory, and replaces the previous version, which is removed from the engine and from disk. A bad adapter
-  raises :class:`opsd.adapter.AdapterError` and the worker keeps serving the version it had. Version 0 is the base
-  model.
+* **Adapter versions** are validated before the engine sees them (:mod:`rollout.adapters`, the same checks for
+  both serving modes) and replace the previous version. A bad adapter raises :class:`opsd.adapter.AdapterError` and
+  the worker keeps serving the version it had. Version 0 is the base model. Rows carry the version that sampled
+  them (``policy_version``). How a version reaches the engine is ``rollout.adapter_serving``
+  (:mod:`rollout.serving`):
+
+  - ``merged`` (``auto`` on CPU): the engine runs without vLLM LoRA; each version is merged into the weights of
+    the layers it targets (``W0 + scale * B @ A``, :mod:`rollout.merge`) and written into the running engine,
+    then the prefix cache is reset. vLLM 0.32's CPU LoRA path decodes ~10x slower than the base model; merged
+    weights decode at the base model's speed. The worker holds a host copy of the targetable layers' base weights
+    (read once from the checkpoint) to merge from and to restore for version 0.
+  - ``lora`` (``auto`` on GPU): each load gets a fresh vLLM LoRA name and int id (so no prefix-cache entry of an
+    older version is reused), is written to this worker's own temp directory, and the previous version is removed
+    from the engine and from disk.
+
+  Everything that can fail on the adapter is checked before the engine's state changes. A weight write that fails
+  part-way (not expected: the first write happens at start, with the base weights) leaves the worker refusing to
+  sample (:class:`rollout.serving.EngineWeightsError`) rather than sample from unknown weights.
 * Resources and engine start options: :mod:`rollout.resources`.
 """
 
@@ -47,19 +60,20 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir, write_adapter_dir
+from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir
 from opsd.configlib import check
 from opsd.errors import UserInputError
 from opsd.hf import load_tokenizer, tokenizer_fingerprint
 from opsd.prompts import PromptBuilder, PromptConfig
 from opsd.schema import FINISH_REASONS, TableError, TableMetadata, check_table, with_metadata
-from rollout.adapters import AdapterTarget, model_linear_shapes, validate_adapter
-from rollout.config import RolloutConfig, check_sampling
+from rollout.adapters import AdapterTarget, model_linear_shapes, validated_lora_weights
+from rollout.config import RolloutConfig, check_sampling, resolve_adapter_serving
 from rollout.resources import ModelSpec, bind_process_to_cores, cpu_cores_for, engine_launch, scoped_environ
+from rollout.serving import AdapterServer, EngineWeightsError, LoraServing, MergedServing
 from rollout.table import (
     RolloutStats,
     Trace,
@@ -127,7 +141,7 @@ class AdapterInfo:
     version: int
     rank: int  # 0 for the base model
     layers: int  # LoRA layers in the adapter
-    seconds: float  # validation + write + engine load
+    seconds: float  # validation + engine load (lora: write the PEFT directory, add it; merged: merge, write weights)
 
 
 @dataclass(frozen=True)
@@ -147,10 +161,13 @@ class WorkerInfo:
     engine_start_seconds: float
     kv_block_size: int  # tokens per KV-cache block: prompts share cached blocks only when they span whole blocks
     prefix_caching: bool
+    adapter_serving: str  # "lora" or "merged": rollout.adapter_serving as resolved for this device
+    engine_lora: bool  # whether the engine was built with vLLM LoRA (lora mode only)
+    base_weights_bytes: int  # host copy of the target layers' base weights (merged mode; 0 in lora mode)
 
 
 class RolloutWorker:
-    """One vLLM engine (LoRA enabled) serving the student: ``generate`` rollouts, ``load_adapter`` versions."""
+    """One vLLM engine serving the student: ``generate`` rollouts, ``load_adapter`` versions."""
 
     def __init__(self, model: ModelSpec | str, config: RolloutConfig | None = None,
                  prompts: PromptConfig | None = None, *, worker_index: int = 0,
@@ -170,10 +187,17 @@ class RolloutWorker:
             linear_shapes=model_linear_shapes(self.model.path, self.model.revision, self.model.trust_remote_code),
         )
         on_cpu = _vllm_on_cpu()
+        serving = resolve_adapter_serving(self.config.adapter_serving, on_cpu=on_cpu)
+        base = None
+        if serving == "merged":  # before the engine: a checkpoint merging cannot use fails in seconds
+            from rollout.merge import read_base_weights
+
+            base = read_base_weights(self.model.path, self._target.linear_shapes, self.model.revision)
         if on_cpu and cpu_cores is None:
             cpu_cores = cpu_cores_for(worker_index, self.config.num_workers, self.config.cpu_threads_per_worker,
                                       sorted(os.sched_getaffinity(0)))
-        launch = engine_launch(self.model, self.config, on_cpu=on_cpu, lora_layers=self._target.layer_names,
+        launch = engine_launch(self.model, self.config, on_cpu=on_cpu,
+                               lora_layers=self._target.layer_names if serving == "lora" else None,
                                cpu_cores=cpu_cores if on_cpu else None)
         started = time.perf_counter()
         with scoped_environ(launch.env):
@@ -191,10 +215,10 @@ class RolloutWorker:
                                       vocab_size=int(model_config.get_vocab_size()))
         self._adapter_root = Path(tempfile.mkdtemp(prefix=f"opsd-rollout-{worker_index}-"))
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._adapter_root), True)
-        self._lora: Any = None  # vllm LoRARequest of the version served, None for the base model
-        self._lora_dir: Path | None = None
+        self._server: AdapterServer = (LoraServing(self.llm, self._adapter_root) if base is None
+                                       else MergedServing(self.llm, base))
         self._version = 0
-        self._loads = 0  # LoRA int ids: one per load, never reused
+        self._broken: str | None = None  # set when a weight write failed part-way: the engine must not sample
 
     # -- state ---------------------------------------------------------------------------------------------------
     def policy_version(self) -> int:
@@ -210,6 +234,9 @@ class RolloutWorker:
             cpu_cores=self._cpu_cores, affinity=tuple(sorted(os.sched_getaffinity(0))),
             torch_threads=torch.get_num_threads(), engine_start_seconds=self._start_seconds,
             kv_block_size=int(cache.block_size), prefix_caching=bool(cache.enable_prefix_caching),
+            adapter_serving=self._server.mode,
+            engine_lora=self.llm.llm_engine.vllm_config.lora_config is not None,
+            base_weights_bytes=self._server.base.nbytes if isinstance(self._server, MergedServing) else 0,
         )
 
     def close(self) -> None:
@@ -220,6 +247,8 @@ class RolloutWorker:
     def generate(self, problems: pa.Table, sampling: Sampling | None = None) -> pa.Table:
         """Sample ``n`` traces for each problem row (see the module docstring for ids, log-probs and lengths)."""
         started = time.perf_counter()
+        if self._broken is not None:
+            raise EngineWeightsError(f"this rollout worker cannot sample: {self._broken}")
         check_table(problems, "problems")
         check_no_rollout_columns(problems)
         sampling = sampling if sampling is not None else Sampling.from_config(self.config)
@@ -279,7 +308,7 @@ class RolloutWorker:
             for trace_id in ids
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
-                                    lora_request=self._lora, use_tqdm=False)
+                                    lora_request=self._server.lora_request, use_tqdm=False)
         return [_trace(prompt, output, trace_id) for prompt, output, trace_id in zip(prompts, outputs, ids)]
 
     # -- adapter versions ----------------------------------------------------------------------------------------
@@ -287,15 +316,19 @@ class RolloutWorker:
         """Serve adapter ``version`` from the next ``generate`` on; version 0 (no payload) is the base model.
 
         ``payload`` is the learner's :class:`AdapterPayload` (bytes from the object store) or a PEFT adapter
-        directory. On any problem this raises :class:`AdapterError` and the previous version stays in service.
+        directory. On any problem with the adapter this raises :class:`AdapterError` and the previous version stays
+        in service. (An :class:`EngineWeightsError`, a weight write that failed part-way, leaves the worker unable
+        to sample.)
         """
         started = time.perf_counter()
+        if self._broken is not None:
+            raise EngineWeightsError(f"this rollout worker cannot load adapters: {self._broken}")
         if version < 0:
             raise AdapterError(f"adapter version must be >= 0, got {version}")
         if version == 0:
             if payload is not None:
                 raise AdapterError("adapter version 0 is the base model: it takes no payload")
-            self._serve(None, None, 0)
+            self._switch(0, self._server.serve_base)
             return AdapterInfo(version=0, rank=0, layers=0, seconds=time.perf_counter() - started)
         if payload is None:
             raise AdapterError(f"adapter version {version} needs a payload (AdapterPayload or a PEFT directory)")
@@ -303,38 +336,19 @@ class RolloutWorker:
             payload = read_adapter_dir(payload, version)
         elif payload.version != version:
             raise AdapterError(f"load_adapter({version}) was given the payload of version {payload.version}")
-        layers = validate_adapter(payload, self._target)
+        lora = validated_lora_weights(payload, self._target)
+        self._switch(version, lambda: self._server.serve(payload, lora))
+        return AdapterInfo(version=version, rank=payload.rank, layers=len(lora),
+                           seconds=time.perf_counter() - started)
 
-        from vllm.lora.request import LoRARequest
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        self._loads += 1
-        lora_id = self._loads
-        folder = write_adapter_dir(payload, self._adapter_root / f"v{version}-{lora_id}")
-        request = LoRARequest(lora_name=f"opsd-v{version}-{lora_id}", lora_int_id=lora_id, lora_path=str(folder))
+    def _switch(self, version: int, serve: Callable[[], None]) -> None:
+        """Run ``serve``; the served version changes only if it returns. A failed weight write breaks the worker."""
         try:
-            added = self.llm.llm_engine.add_lora(request)
-        except EngineDeadError:
+            serve()
+        except EngineWeightsError as exc:
+            self._broken = f"adapter version {version}: {exc}"
             raise
-        except Exception as exc:  # vLLM refused this adapter; the engine and the version it serves are intact
-            shutil.rmtree(folder, ignore_errors=True)
-            raise AdapterError(f"adapter version {version}: the engine refused it ({type(exc).__name__}: {exc})"
-                               ) from exc
-        if not added:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise AdapterError(f"adapter version {version}: the engine did not add it")
-        self._serve(request, folder, version)
-        return AdapterInfo(version=version, rank=payload.rank, layers=layers, seconds=time.perf_counter() - started)
-
-    def _serve(self, request: Any, folder: Path | None, version: int) -> None:
-        """Switch to ``request`` (None: base model), then drop the previous version from the engine and disk."""
-        previous, previous_dir = self._lora, self._lora_dir
-        self._lora, self._lora_dir, self._version = request, folder, version
-        if previous is not None:
-            # False when vLLM already evicted it from its cache: either way it is gone.
-            self.llm.llm_engine.remove_lora(previous.lora_int_id)
-        if previous_dir is not None:
-            shutil.rmtree(previous_dir, ignore_errors=True)
+        self._version = version
 
 
 def _vllm_on_cpu() -> bool:

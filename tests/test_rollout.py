@@ -14,7 +14,7 @@ import pytest
 from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir
 from opsd.configlib import ConfigError
 from opsd.schema import PROBLEM_SCHEMA, TableError, TableMetadata, check_table, sample_id, with_metadata
-from rollout.config import RolloutConfig
+from rollout.config import RolloutConfig, resolve_adapter_serving
 from rollout.resources import ModelSpec, cpu_cores_for, engine_launch, scoped_environ
 from rollout.sharding import merge_tables, shard_bounds, shard_rows
 from rollout.table import (
@@ -157,6 +157,37 @@ def test_engine_launch_on_cpu_sets_kv_cache_in_process_engine_and_cores():
                       cpu_cores=[0])
 
 
+def test_engine_launch_without_lora_layers_builds_an_engine_without_lora():
+    config = RolloutConfig(gpus_per_worker=0, cpu_kv_cache_gib=0.5, max_lora_rank=8, max_model_len=512)
+    launch = engine_launch(ModelSpec("/models/m"), config, on_cpu=True, lora_layers=None, cpu_cores=[0])
+    lora_keys = {"enable_lora", "max_lora_rank", "lora_target_modules", "max_loras", "max_cpu_loras"}
+    assert lora_keys.isdisjoint(launch.kwargs)
+    assert launch.kwargs["logprobs_mode"] == "processed_logprobs" and launch.kwargs["dtype"] == "float32"
+
+
+def test_adapter_serving_auto_resolves_per_device_and_merged_is_cpu_only():
+    assert resolve_adapter_serving("auto", on_cpu=True) == "merged"
+    assert resolve_adapter_serving("auto", on_cpu=False) == "lora"
+    assert resolve_adapter_serving("lora", on_cpu=True) == "lora"
+    assert resolve_adapter_serving("lora", on_cpu=False) == "lora"
+    assert resolve_adapter_serving("merged", on_cpu=True) == "merged"
+    with pytest.raises(ConfigError, match="rollout.adapter_serving.*CPU engines only"):
+        resolve_adapter_serving("merged", on_cpu=False)
+    assert RolloutConfig().adapter_serving == "auto"
+    RolloutConfig(adapter_serving="merged").validate()
+    with pytest.raises(ConfigError, match="adapter_serving.*must be one of 'auto', 'lora', 'merged'"):
+        RolloutConfig(adapter_serving="fused").validate()
+
+
+def test_adapter_serving_is_checked_when_loaded_from_a_config_file():
+    from opsd.configlib import from_dict
+
+    assert from_dict(RolloutConfig, {"adapter_serving": "lora"}, path="rollout").adapter_serving == "lora"
+    with pytest.raises(ConfigError) as error:
+        from_dict(RolloutConfig, {"adapter_serving": "fused"}, path="rollout")
+    assert error.value.key == "rollout.adapter_serving"
+
+
 def test_engine_launch_on_gpu_uses_config_and_sets_no_environment():
     config = RolloutConfig(tensor_parallel_size=2, gpu_memory_utilization=0.5)
     launch = engine_launch(ModelSpec("m", dtype="auto"), config, on_cpu=False, lora_layers=["q_proj"])
@@ -265,3 +296,172 @@ def test_validate_adapter_names_what_is_wrong(adapter_setup, case, message):
     }
     with pytest.raises(AdapterError, match=re.escape(message)):
         validate_adapter(bad[case](), target)
+
+
+# -- merged serving: the merge and the base weights, against PEFT ------------------------------------------------
+def _peft_adapter(model_dir: Path, out_dir: Path, seed: int, **lora_options) -> Path:
+    """A PEFT LoRA adapter with random, nonzero A and B, saved with ``lora_options`` (a LoraConfig's fields)."""
+    import torch
+    from helpers.rollout_reference import load_hf_model
+    from peft import LoraConfig, get_peft_model
+
+    options = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                       "down_proj"], init_lora_weights=False) | lora_options
+    peft_model = get_peft_model(load_hf_model(model_dir), LoraConfig(**options))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def _peft_merged_state(model_dir: Path, adapter_dir: Path) -> dict:
+    from helpers.rollout_reference import load_hf_model
+
+    return load_hf_model(model_dir, adapter_dir).merge_and_unload().state_dict()
+
+
+@pytest.fixture(scope="module")
+def merge_setup(tiny_model_dir: Path):
+    from rollout.adapters import AdapterTarget, model_linear_shapes
+    from rollout.merge import read_base_weights
+
+    shapes = model_linear_shapes(str(tiny_model_dir))
+    target = AdapterTarget(base_model=str(tiny_model_dir), max_rank=8, linear_shapes=shapes)
+    return target, read_base_weights(str(tiny_model_dir), shapes)
+
+
+def test_base_weights_are_the_targetable_layers_only(merge_setup, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    target, base = merge_setup
+    checkpoint = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert set(base.tensors) == {f"{m}.weight" for m in target.linear_shapes}  # no embeddings, norms, head
+    assert base.modules == tuple(sorted(target.linear_shapes)) and len(base.modules) == 14
+    for name, tensor in base.tensors.items():
+        assert tensor.dtype == checkpoint[name].dtype and bool((tensor == checkpoint[name]).all()), name
+    assert base.nbytes == sum(checkpoint[n].numel() * 4 for n in base.tensors)
+
+
+@pytest.mark.parametrize(
+    "case,options",
+    [
+        ("plain", {}),
+        ("rslora", {"use_rslora": True, "lora_alpha": 8}),
+        ("patterns", {"rank_pattern": {"q_proj": 4, "layers.1.mlp.up_proj": 1}, "alpha_pattern": {"down_proj": 3}}),
+        ("some layers", {"target_modules": ["q_proj", "v_proj", "up_proj"]}),
+    ],
+)
+def test_merged_weights_equal_peft_merge_and_unload(merge_setup, tiny_model_dir, tmp_path, case, options):
+    import torch
+
+    from rollout.adapters import validated_lora_weights
+    from rollout.merge import merged_weights
+
+    target, base = merge_setup
+    folder = _peft_adapter(tiny_model_dir, tmp_path / "adapter", seed=3, **options)
+    payload = read_adapter_dir(folder, version=1)
+    lora = validated_lora_weights(payload, target)
+    merged = dict(merged_weights(payload, lora, base, torch.float32))
+    reference = _peft_merged_state(tiny_model_dir, folder)
+    assert set(merged) == set(base.tensors)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, reference[name], msg=f"{case}: {name}")
+        if name.removesuffix(".weight") not in lora:
+            assert bool((tensor == base.tensors[name]).all()), f"{case}: {name} is not W0"
+    assert len(lora) == (6 if case == "some layers" else 14)
+
+
+def test_merged_weights_ignore_fan_in_fan_out_on_linear_layers_as_peft_does(merge_setup, tiny_model_dir, tmp_path):
+    import json
+
+    import torch
+
+    from rollout.adapters import validated_lora_weights
+    from rollout.merge import merged_weights
+
+    target, base = merge_setup
+    folder = _peft_adapter(tiny_model_dir, tmp_path / "adapter", seed=4)
+    config_file = folder / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"fan_in_fan_out": True}))
+    payload = read_adapter_dir(folder, version=1)
+    merged = dict(merged_weights(payload, validated_lora_weights(payload, target), base, torch.float32))
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
+        reference = _peft_merged_state(tiny_model_dir, folder)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, reference[name], msg=name)
+
+
+def test_merged_weights_are_summed_in_float32_then_cast_to_the_engine_dtype(merge_setup, tiny_model_dir, tmp_path):
+    import torch
+
+    from rollout.adapters import validated_lora_weights
+    from rollout.merge import merged_weights
+
+    target, base = merge_setup
+    folder = _peft_adapter(tiny_model_dir, tmp_path / "adapter", seed=5)
+    payload = read_adapter_dir(folder, version=1)
+    merged = dict(merged_weights(payload, validated_lora_weights(payload, target), base, torch.bfloat16))
+    reference = _peft_merged_state(tiny_model_dir, folder)
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.bfloat16
+        assert bool((tensor == reference[name].to(torch.bfloat16)).all()), name
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' cannot be served as merged weights"),
+        ({"init_lora_weights": "olora"}, "PEFT changes the base weights"),
+        ({"alora_invocation_tokens": [1, 2]}, "activated LoRA"),
+        ({"layer_replication": [[0, 2]]}, "layer_replication"),
+        ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "LoRA on parameters"),
+        ({"trainable_token_indices": [5]}, "trainable tokens"),
+        ({"lora_alpha": None}, "no numeric lora_alpha"),
+    ],
+)
+def test_check_mergeable_refuses_what_the_merge_cannot_express(config, message):
+    from rollout.merge import check_mergeable
+
+    payload = AdapterPayload(version=2, weights=b"", config={"r": 8, "lora_alpha": 16} | config)
+    with pytest.raises(AdapterError, match=re.escape(message)):
+        check_mergeable(payload)
+    check_mergeable(AdapterPayload(version=2, weights=b"", config={"r": 8, "lora_alpha": 16,
+                                                                    "init_lora_weights": "gaussian"}))
+
+
+def test_merged_weights_refuse_a_rank_the_config_does_not_give(merge_setup, adapter_setup):
+    import torch
+
+    from rollout.adapters import validated_lora_weights
+    from rollout.merge import merged_weights
+
+    target, base = merge_setup
+    _, good = adapter_setup
+    lora = validated_lora_weights(good, target)
+    patterned = replace(good, config=good.config | {"rank_pattern": {"q_proj": 1}})
+    with pytest.raises(AdapterError, match="q_proj has lora_A of rank 8, its config says rank 1"):
+        merged_weights(patterned, lora, base, torch.float32)
+
+
+def test_read_base_weights_names_what_the_checkpoint_lacks(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from rollout.adapters import model_linear_shapes
+    from rollout.merge import read_base_weights
+
+    shapes = model_linear_shapes(str(tiny_model_dir))
+    with pytest.raises(ConfigError, match="rollout.adapter_serving.*has none. Use 'lora'"):
+        read_base_weights(str(tmp_path), shapes)
+    tensors = load_file(str(tiny_model_dir / "model.safetensors"))
+    tensors.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"model.layers.1.mlp.up_proj.weight is not there"):
+        read_base_weights(str(tmp_path), shapes)
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 256)  # (in, out): not the nn.Linear layout
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"float \(256, 64\) tensor.*holds torch.float32 \(64, 256\)"):
+        read_base_weights(str(tmp_path), shapes)

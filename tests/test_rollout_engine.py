@@ -1,5 +1,8 @@
 """Rollout workers with a real vLLM engine (CPU, tiny Qwen3), as Ray actors, against HF transformers + PEFT.
 
+The engines here serve adapters with vLLM's LoRA support (``adapter_serving = lora``, the GPU default; on CPU the
+default is merged weights, tested in test_rollout_merged.py).
+
 Two engines serve the whole module (each in its own Ray actor, bound to its own core of a 2-CPU embedded cluster):
 ``worker`` (on_long_prompt = error) and ``skipper`` (on_long_prompt = skip). Each test sets the adapter version it
 needs first, so the tests do not depend on their order.
@@ -100,7 +103,8 @@ def setup(tiny_model_dir: Path, qwen3_tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def config() -> RolloutConfig:
     return RolloutConfig(num_workers=1, gpus_per_worker=0, cpu_kv_cache_gib=0.25, max_model_len=512,
-                         max_response_tokens=MAX_TOKENS, max_lora_rank=8, temperature=1.0, seed=0)
+                         max_response_tokens=MAX_TOKENS, max_lora_rank=8, temperature=1.0, seed=0,
+                         adapter_serving="lora")
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +155,7 @@ def test_each_engine_runs_in_its_actor_bound_to_its_own_core(engines, setup):
     assert infos[0].pid != infos[1].pid and all(i.on_cpu for i in infos)
     assert {(i.vocab_size, i.max_model_len) for i in infos} == {(151_936, 512)}
     assert infos[0].tokenizer == tokenizer_fingerprint(setup["tokenizer"])
+    assert {(i.adapter_serving, i.engine_lora, i.base_weights_bytes) for i in infos} == {("lora", True, 0)}
 
 
 def test_greedy_traces_and_logprobs_equal_transformers(worker, setup):

@@ -1,0 +1,201 @@
+"""An adapter version as merged weights: ``W = W0 + scale * B @ A``, and the base weights ``W0`` it starts from.
+
+Used by the ``merged`` way of serving adapters (:mod:`rollout.serving`); nothing here touches vLLM.
+
+The merge follows PEFT (0.21, ``LoraLayer.update_layer`` / ``get_delta_weight``), so that the merged model computes
+what ``PeftModel`` computes with the adapter unmerged:
+
+* ``scale = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``. A layer's ``r`` and ``lora_alpha``
+  come from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches its name (PEFT's rule: the name ends with
+  the pattern at a ``.`` boundary, first match wins), else from ``r`` / ``lora_alpha``; the layer's ``lora_A`` must
+  have that rank.
+* ``fan_in_fan_out`` transposes the delta for layers that store their weight as (in, out) (GPT-2's ``Conv1D``).
+  Every layer an adapter may target here is a ``torch.nn.Linear`` (:mod:`rollout.adapters`), stored (out, in), and
+  PEFT resets the flag to False on those: it does not change the merge.
+* The sum is computed in float32 and cast to the engine's dtype once (the rounding vLLM applies to any checkpoint).
+
+What the formula does not express is refused (:func:`check_mergeable`): inits that change the base weights when
+PEFT loads the adapter (PiSSA, OLoRA, CorDA, LoftQ), activated LoRA, ``layer_replication``, block-diagonal LoRA,
+LoRA on parameters, trainable tokens. DoRA, LoRA bias, QALoRA, ``bias`` and ``modules_to_save`` are refused for both
+serving modes by :func:`rollout.adapters.validate_adapter`.
+
+**Base weights.** On CPU vLLM repacks each linear layer's weight into a kernel-specific form and drops the plain
+tensor, so ``W0`` cannot be read back from the engine: :func:`read_base_weights` reads it once from the model's
+safetensors, by Hugging Face name, for the layers an adapter may target only (the transformer blocks' linear
+layers; not the embeddings or the output head). Tensors keep the checkpoint's dtype (a bfloat16 checkpoint is held
+in bfloat16; widening to float32 is exact). Each layer is held whole, bias included, so that every vLLM layer a
+merge writes (``qkv_proj`` is q, k and v) is written completely.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from opsd.adapter import AdapterError, AdapterPayload
+from opsd.configlib import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+    from rollout.adapters import LoraWeights
+
+# init_lora_weights values that only choose the adapter's initial A and B: the saved adapter is a plain LoRA
+# (the same list vLLM 0.32 accepts, vllm.lora.peft_helper).
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+# PEFT config keys whose (non-empty) value means something W0 + scale * B @ A cannot express.
+_UNMERGEABLE = {
+    "alora_invocation_tokens": "activated LoRA (applies only after its invocation tokens)",
+    "layer_replication": "layer_replication (changes the model's layers)",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens (changes the embeddings)",
+}
+_CONFIG_KEY = "rollout.adapter_serving"
+
+
+def check_mergeable(payload: AdapterPayload) -> None:
+    """Raise :class:`AdapterError` if the adapter uses a PEFT feature that merging does not reproduce."""
+    where = f"adapter version {payload.version}"
+    config = payload.config
+    for key, feature in _UNMERGEABLE.items():
+        if config.get(key):
+            raise AdapterError(f"{where}: {feature} ({key}) cannot be served as merged weights")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
+        raise AdapterError(
+            f"{where}: init_lora_weights={init!r} cannot be served as merged weights: PEFT changes the base weights "
+            "when it loads such an adapter (PiSSA, OLoRA, CorDA, LoftQ). Convert it to a plain LoRA with PEFT's "
+            "path_initial_model_for_weight_conversion when saving"
+        )
+    if not isinstance(config.get("lora_alpha"), (int, float)) or isinstance(config.get("lora_alpha"), bool):
+        raise AdapterError(f"{where}: adapter_config.json has no numeric lora_alpha (got {config.get('lora_alpha')!r})")
+
+
+def _pattern_value(patterns: Mapping[str, Any] | None, module: str) -> Any:
+    """PEFT's ``get_pattern_key`` rule: the first pattern that ``module`` ends with at a ``.`` boundary."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return None
+
+
+def lora_scale(config: Mapping[str, Any], module: str) -> tuple[int, float]:
+    """``(rank, scale)`` PEFT uses for ``module`` (a name like ``model.layers.0.self_attn.q_proj``)."""
+    rank = _pattern_value(config.get("rank_pattern"), module)
+    rank = int(config["r"] if rank is None else rank)
+    alpha = _pattern_value(config.get("alpha_pattern"), module)
+    alpha = float(config["lora_alpha"] if alpha is None else alpha)
+    return rank, (alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank)
+
+
+@dataclass(frozen=True)
+class BaseWeights:
+    """``W0`` (and bias) of the layers an adapter may target, by Hugging Face tensor name, checkpoint dtype."""
+
+    tensors: Mapping[str, torch.Tensor]  # "<module>.weight" / "<module>.bias"
+    modules: tuple[str, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def read_base_weights(model: str, linear_shapes: Mapping[str, tuple[int, int]], revision: str | None = None
+                      ) -> BaseWeights:
+    """Read ``W0`` of every layer in ``linear_shapes`` (``{module: (in_features, out_features)}``) from the
+    model's safetensors files. Raises :class:`ConfigError` (key ``rollout.adapter_serving``) if the checkpoint
+    does not hold them as plain tensors of those shapes."""
+    from safetensors import safe_open
+
+    files = _safetensors_files(model, revision)
+    wanted = {f"{m}.weight" for m in linear_shapes} | {f"{m}.bias" for m in linear_shapes}
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name in wanted:
+                    tensors[name] = f.get_tensor(name)
+    for module, (in_features, out_features) in linear_shapes.items():
+        weight = tensors.get(f"{module}.weight")
+        if weight is None:
+            raise ConfigError(
+                _CONFIG_KEY,
+                f"'merged' reads the base weight of each layer an adapter may target from {model}'s safetensors, by "
+                f"its Hugging Face name; {module}.weight is not there (quantized or renamed checkpoint?). Use "
+                "'lora' for this model",
+            )
+        if tuple(weight.shape) != (out_features, in_features) or not weight.is_floating_point():
+            raise ConfigError(
+                _CONFIG_KEY,
+                f"'merged' needs {module}.weight of {model} as a float ({out_features}, {in_features}) tensor, the "
+                f"torch.nn.Linear layout; the checkpoint holds {weight.dtype} {tuple(weight.shape)}. Use 'lora' "
+                "for this model",
+            )
+    return BaseWeights(tensors=tensors, modules=tuple(sorted(linear_shapes)))
+
+
+def _safetensors_files(model: str, revision: str | None) -> list[Path]:
+    folder = Path(model)
+    if not folder.is_dir():  # a hub id: the snapshot the engine loaded, from the local cache
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(_CONFIG_KEY, f"'merged' reads the base weights from safetensors files; {os.fspath(folder)} "
+                                       "has none. Use 'lora' for this model")
+    return files
+
+
+def merged_weights(payload: AdapterPayload, lora: Mapping[str, LoraWeights], base: BaseWeights,
+                   dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """Every base tensor in ``dtype``, with ``scale * B @ A`` added to the weight of each layer ``lora`` holds.
+
+    Layers the adapter does not hold are their base weight, so the result does not depend on what the engine
+    served before. ``lora`` is the adapter's validated weights (:func:`rollout.adapters.validated_lora_weights`).
+    Raises :class:`AdapterError` if a layer's rank disagrees with the config or a merged weight is not finite in
+    ``dtype``.
+    """
+    import torch
+
+    where = f"adapter version {payload.version}"
+    check_mergeable(payload)
+    unknown = sorted(set(lora) - set(base.modules))
+    if unknown:
+        raise AdapterError(f"{where}: no base weights for {unknown[0]}")
+    out: list[tuple[str, torch.Tensor]] = []
+    for name, w0 in _by_module(base):
+        module, _, kind = name.rpartition(".")
+        pair = lora.get(module) if kind == "weight" else None
+        if pair is None:
+            out.append((name, w0.to(dtype)))
+            continue
+        rank, scale = lora_scale(payload.config, module)
+        if pair.a.shape[0] != rank:
+            raise AdapterError(f"{where}: {module} has lora_A of rank {pair.a.shape[0]}, its config says rank {rank}")
+        merged = torch.addmm(w0.to(torch.float32), pair.b.to(torch.float32), pair.a.to(torch.float32), alpha=scale)
+        merged = merged.to(dtype)
+        if not bool(torch.isfinite(merged).all()):
+            raise AdapterError(f"{where}: the merged weight of {module} is not finite in {dtype}")
+        out.append((name, merged))
+    return out
+
+
+def base_weights_in(base: BaseWeights, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """The base tensors in ``dtype``, as written to serve the base model (version 0)."""
+    return [(name, tensor.to(dtype)) for name, tensor in _by_module(base)]
+
+
+def _by_module(base: BaseWeights) -> Iterator[tuple[str, torch.Tensor]]:
+    # Layer by layer: vLLM's in-place reload buffers a layer until all its tensors have arrived.
+    for module in base.modules:
+        for kind in ("weight", "bias"):
+            name = f"{module}.{kind}"
+            if name in base.tensors:
+                yield name, base.tensors[name]
