@@ -7,6 +7,9 @@
     opsd prompts [--config FILE] [k=v ...]     the first student and teacher prompts, with token counts
     opsd train --config FILE [k=v ...]         train (embedded Ray, or the cluster at RAY_ADDRESS)
     opsd quickstart                            what `make quickstart` runs
+    opsd eval --model M [--adapter DIR] --bench aime24,gsm8k [--n 16] [--limit N] [--out DIR]
+                                               avg@n, pass@k, maj@n per benchmark (RolloutWorkers on Ray)
+    opsd eval --compare RUN_A RUN_B            two evaluation runs side by side, with paired 95% intervals
 
 Each subcommand is a small function; the work lives in the modules they call.
 """
@@ -90,6 +93,49 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return run_quickstart(config_path=args.config, overrides=args.overrides, models_dir=args.models_dir)
 
 
+def _int_list(text: str | None, flag: str) -> list[int]:
+    from opsd.errors import UserInputError
+
+    try:
+        return [int(item) for item in (text or "").split(",") if item.strip()]
+    except ValueError:
+        raise UserInputError(f"{flag} takes comma-separated integers, e.g. 1,4,16; got {text!r}") from None
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from opsd.errors import UserInputError
+    from orchestrator.evaluation.report import compare_runs
+
+    if args.compare:
+        print(compare_runs(*args.compare), end="")
+        return 0
+    if not args.model:
+        raise UserInputError("opsd eval needs --model (an HF id or a model directory), or --compare RUN_A RUN_B")
+    import time
+
+    from opsd.prompts import PromptConfig
+    from orchestrator.evaluation.benchmarks import parse_columns
+    from orchestrator.evaluation.config import EvalConfig
+    from orchestrator.evaluation.run import EvalRun, evaluate
+    from rollout.resources import ModelSpec
+
+    config = EvalConfig(
+        benchmarks=[b.strip() for b in args.bench.split(",") if b.strip()], mapping=args.mapping,
+        columns=parse_columns(args.columns), limit=args.limit, n=args.n,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+        seed=args.seed, pass_k=_int_list(args.pass_k, "--pass-k"),
+        grade_timeout_s=args.grade_timeout, grade_processes=args.grade_processes)
+    run = EvalRun(
+        model=ModelSpec(args.model, args.tokenizer, args.revision, args.trust_remote_code, args.dtype),
+        out=Path(args.out or Path("runs") / "eval" / time.strftime("%Y%m%d-%H%M%S")),
+        adapter=Path(args.adapter) if args.adapter else None,
+        prompt=PromptConfig(enable_thinking=args.thinking), workers=args.workers,
+        tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
+        cpu_kv_cache_gib=args.kv_cache_gib, overwrite=args.overwrite)
+    evaluate(config, run)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opsd", description="On-Policy Self-Distillation on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -140,10 +186,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config(commands.add_parser("train", help="train with OPSD on Ray")).set_defaults(func=_cmd_train)
 
+    _add_eval_parser(commands)
+
     quick = with_config(commands.add_parser("quickstart", help="what `make quickstart` runs"))
     quick.add_argument("--models-dir", default="models", help="where offline models are built once and reused")
     quick.set_defaults(func=_cmd_quickstart)
     return parser
+
+
+def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    from orchestrator.evaluation.config import EvalConfig
+
+    d = EvalConfig()
+    ev = commands.add_parser(
+        "eval", help="evaluate a model (+ adapter) on math benchmarks: avg@n, pass@k, maj@n",
+        description="Sample --n responses per problem with the student prompt, grade the last \\boxed{} answer "
+        "with math-verify, report avg@n, pass@k and maj@n with 95% intervals. Or compare two runs.")
+    ev.add_argument("--model", help="base model: HF id or local directory")
+    ev.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory trained on --model")
+    ev.add_argument("--bench", default=",".join(d.benchmarks),
+                    help="comma-separated: aime24, aime25, hmmt25, math500, gsm8k, or files as NAME=PATH "
+                    f"(default: {','.join(d.benchmarks)})")
+    ev.add_argument("--mapping", default="eval", choices=["eval", "gsm8k", "openthoughts"],
+                    help="column mapping of benchmarks given as files (default: eval, columns problem and answer)")
+    ev.add_argument("--columns", default=None, help="per-field source columns of files, e.g. problem=q,answer=a")
+    ev.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    ev.add_argument("--n", type=int, default=d.n, help=f"responses per problem (default {d.n})")
+    ev.add_argument("--temperature", type=float, default=d.temperature)
+    ev.add_argument("--top-p", type=float, default=d.top_p)
+    ev.add_argument("--top-k", type=int, default=d.top_k, help="-1: off")
+    ev.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"per response (default {d.max_tokens})")
+    ev.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
+                    help="Qwen3 thinking mode in the chat template (default: on)")
+    ev.add_argument("--seed", type=int, default=d.seed)
+    ev.add_argument("--pass-k", default=None, help="k of pass@k, e.g. 1,4,16 (default: powers of 2 from 2, and n)")
+    ev.add_argument("--grade-timeout", type=float, default=d.grade_timeout_s, help="seconds per answer")
+    ev.add_argument("--grade-processes", type=int, default=None)
+    ev.add_argument("--workers", type=int, default=None, help="rollout engines (default: one per GPU, or per 2 cores)")
+    ev.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs per engine")
+    ev.add_argument("--max-model-len", type=int, default=None, help="engine context (default: the model's)")
+    ev.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache per engine on CPU")
+    ev.add_argument("--tokenizer", default=None)
+    ev.add_argument("--revision", default=None)
+    ev.add_argument("--trust-remote-code", action="store_true")
+    ev.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ev.add_argument("--out", default=None, help="run directory (default: runs/eval/<time>)")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ev.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
+                    help="compare two run directories instead of evaluating")
+    ev.set_defaults(func=_cmd_eval)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

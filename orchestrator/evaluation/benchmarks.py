@@ -1,0 +1,129 @@
+"""Which benchmarks exist, and loading them into the canonical problem table.
+
+Built-in benchmarks are small files shipped in the repository's ``data/`` directory (sources and licences in
+``data/eval/README.md``), found relative to this package, so ``opsd eval --bench aime24`` works from any working
+directory of a clone:
+
+    aime24, aime25, hmmt25   30 problems each, integer or LaTeX answers          (mapping ``eval``)
+    math500                  500 problems of the MATH test set, LaTeX answers   (mapping ``eval``)
+    gsm8k                    1,319 GSM8K test problems, answer after ``####``   (mapping ``gsm8k``)
+
+Any other benchmark is a JSONL or Parquet file given by path (``--bench NAME=PATH`` or just ``PATH``, named after
+the file), read with a column mapping (a preset of :data:`orchestrator.data.MAPPINGS` plus per-field overrides).
+Files are loaded and validated by :func:`orchestrator.data.load_problems` with ``problem`` and ``answer``
+required, so a bad file is refused before any generation, naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import pyarrow as pa
+
+from orchestrator.data import DataError, load_problems, mapping_with_columns
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DATA_DIR = REPO_ROOT / "data"
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Where a benchmark's problems come from."""
+
+    name: str
+    path: Path
+    mapping: str = "eval"
+    columns: Mapping[str, str] = field(default_factory=dict)  # per-field source column overrides
+    description: str = ""
+
+
+BUILTIN: dict[str, BenchmarkSpec] = {
+    spec.name: spec
+    for spec in (
+        BenchmarkSpec("aime24", DATA_DIR / "eval" / "aime24.jsonl", "eval", {}, "AIME 2024 I and II"),
+        BenchmarkSpec("aime25", DATA_DIR / "eval" / "aime25.jsonl", "eval", {}, "AIME 2025 I and II"),
+        BenchmarkSpec("hmmt25", DATA_DIR / "eval" / "hmmt25.jsonl", "eval", {}, "HMMT February 2025"),
+        BenchmarkSpec("math500", DATA_DIR / "eval" / "math500.jsonl", "eval", {}, "MATH-500 (MATH test subset)"),
+        BenchmarkSpec("gsm8k", DATA_DIR / "gsm8k" / "test.jsonl", "gsm8k", {}, "GSM8K test set"),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A loaded benchmark: the canonical table (id, problem, solution, answer; every answer present)."""
+
+    name: str
+    path: Path
+    table: pa.Table
+
+    @property
+    def num_problems(self) -> int:
+        return self.table.num_rows
+
+
+def resolve_benchmark(entry: str, mapping: str = "eval", columns: Mapping[str, str] | None = None
+                      ) -> BenchmarkSpec:
+    """A built-in name, ``NAME=PATH`` or ``PATH`` -> a spec. ``mapping``/``columns`` apply to files given by path."""
+    entry = entry.strip()
+    if entry in BUILTIN:
+        return BUILTIN[entry]
+    name, _, path_text = entry.rpartition("=")
+    path = Path(path_text).expanduser()
+    if not name:
+        name = path.name.split(".")[0]
+    looks_like_path = "=" in entry or "/" in entry or "." in entry or path.exists()
+    if not looks_like_path:
+        close = difflib.get_close_matches(entry, list(BUILTIN), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DataError(
+            f"unknown benchmark {entry!r}{hint}; built-in: {', '.join(BUILTIN)}; or give a file as PATH or NAME=PATH"
+        )
+    if not _NAME_RE.fullmatch(name):
+        raise DataError(f"benchmark name {name!r} (from {entry!r}) must be letters, digits, '_', '-' or '.'")
+    if not path.is_file():
+        raise DataError(f"benchmark {name!r}: {path}: file not found" if not path.exists() else f"{path}: not a file")
+    return BenchmarkSpec(name, path, mapping, dict(columns or {}))
+
+
+def load_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> Benchmark:
+    """Load and validate a benchmark (the first ``limit`` problems); every row needs a problem and an answer."""
+    if not spec.path.is_file():
+        raise DataError(
+            f"benchmark {spec.name!r}: {spec.path} not found. Built-in benchmark files ship in the repository's "
+            "data/ directory (an installed, non-editable package does not have them): pass the file as NAME=PATH"
+        )
+    mapping = mapping_with_columns(spec.mapping, spec.columns)
+    table, _ = load_problems(spec.path, mapping, required=("problem", "answer"), limit=limit)
+    return Benchmark(spec.name, spec.path, table)
+
+
+def load_benchmarks(entries: Sequence[str], limit: int | None = None, mapping: str = "eval",
+                    columns: Mapping[str, str] | None = None) -> list[Benchmark]:
+    """Resolve and load every benchmark (all validated before any is used); names must be unique."""
+    if not entries:
+        raise DataError(f"no benchmark given; built-in: {', '.join(BUILTIN)}")
+    specs = [resolve_benchmark(entry, mapping, columns) for entry in entries]
+    names = [spec.name for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise DataError(f"benchmark name(s) {', '.join(duplicates)} given more than once; name files NAME=PATH")
+    return [load_benchmark(spec, limit) for spec in specs]
+
+
+def parse_columns(text: str | None) -> dict[str, str]:
+    """``"problem=question,answer=final"`` -> ``{"problem": "question", "answer": "final"}``."""
+    columns: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise DataError(f"column override {item!r} must look like FIELD=COLUMN, e.g. problem=question")
+        columns[key.strip()] = value.strip()
+    return columns
