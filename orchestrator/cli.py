@@ -7,6 +7,7 @@
     opsd prompts [--config FILE] [k=v ...]     the first student and teacher prompts, with token counts
     opsd train --config FILE [k=v ...]         train (embedded Ray, or the cluster at RAY_ADDRESS)
     opsd quickstart                            what `make quickstart` runs
+    opsd plot RUN_DIR [--out FILE]             loss, GJS, throughput and step-time curves of a run (PNG)
     opsd eval --model M [--adapter DIR] --bench aime24,gsm8k [--n 16] [--limit N] [--out DIR]
                                                avg@n, pass@k, maj@n per benchmark (RolloutWorkers on Ray)
     opsd eval --compare RUN_A RUN_B            two evaluation runs side by side, with paired 95% intervals
@@ -91,6 +92,13 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     from orchestrator.quickstart import run_quickstart
 
     return run_quickstart(config_path=args.config, overrides=args.overrides, models_dir=args.models_dir)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from orchestrator.plot import plot_run
+
+    print(f"wrote {plot_run(args.run_dir, args.out)}")
+    return 0
 
 
 def _int_list(text: str | None, flag: str) -> list[int]:
@@ -187,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(commands.add_parser("train", help="train with OPSD on Ray")).set_defaults(func=_cmd_train)
 
     _add_eval_parser(commands)
+
+    plot = commands.add_parser("plot", help="draw a run's curves from its metrics.jsonl into a PNG")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("--out", default=None, help="PNG file (default: RUN_DIR/curves.png)")
+    plot.set_defaults(func=_cmd_plot)
 
     quick = with_config(commands.add_parser("quickstart", help="what `make quickstart` runs"))
     quick.add_argument("--models-dir", default="models", help="where offline models are built once and reused")
