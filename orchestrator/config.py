@@ -219,6 +219,15 @@ class OPSDConfig:
 
     def validate(self) -> None:
         # Sections have validated themselves; only rules that span sections belong here (keys are absolute).
+        serves_lora = self.rollout.adapter_serving == "lora" or (
+            self.rollout.adapter_serving == "auto" and self.rollout.gpus_per_worker > 0)
+        if serves_lora:
+            check(
+                self.learner.lora.rank <= self.rollout.max_lora_rank,
+                "learner.lora.rank",
+                f"{self.learner.lora.rank} is above rollout.max_lora_rank ({self.rollout.max_lora_rank}): the vLLM "
+                "engines would refuse every adapter the learner exports; raise rollout.max_lora_rank or lower the rank",
+            )
         if self.teacher.max_context_tokens is not None:
             check(
                 self.teacher.max_context_tokens > self.rollout.max_response_tokens,

@@ -220,6 +220,15 @@ def test_lora_on_the_output_head_or_embeddings_is_refused():
     assert err.key == "learner.lora.target_modules[0]"
 
 
+def test_lora_rank_must_fit_the_engines_when_they_serve_lora():
+    err = error_of(load_config, None, DATA + ["learner.lora.rank=128", "rollout.max_lora_rank=64"])
+    assert err.key == "learner.lora.rank" and "rollout.max_lora_rank (64)" in str(err)
+    # Merged serving (CPU) has no LoRA slots to fit.
+    cfg = load_config(None, DATA + ["learner.lora.rank=128", "rollout.max_lora_rank=64",
+                                    "rollout.adapter_serving=merged", "rollout.gpus_per_worker=0"])
+    assert cfg.learner.lora.rank == 128
+
+
 def test_literal_error_lists_choices_and_suggests():
     err = error_of(load_config, None, DATA + ["learner.loss.kind=topk"])
     assert err.key == "learner.loss.kind"
