@@ -1,0 +1,715 @@
+"""deploy/ checked offline against the code and against the tools that read it.
+
+- Cluster-launcher YAMLs: validated the way `ray up` validates them (Ray's own ``ray-schema.json`` through
+  ``prepare_config`` + ``validate_config``), plus the shape opsd relies on: a head that takes no work, one 8-GPU
+  worker type from 0, one Ray version everywhere, opsd installed with the GPU engine.
+- KubeRay manifests: ``ray.io/v1``, a strict schema of the fields they use (a misspelt field fails), autoscaling, the
+  GPU worker group; the RayJob's entrypoint is parsed and loaded with ``orchestrator.config.load_config``.
+- Runtime env: parsed by Ray's ``RuntimeEnv``; what it uploads is computed with Ray's own file matcher.
+- Grafana dashboard and Prometheus config: every ``ray_opsd_*`` series they query exists in
+  ``orchestrator/metrics.py`` and every gauge there is charted; the scrape config follows Ray's discovery file.
+- README commands: every ``orchestrator.train`` command in deploy/README.md loads.
+- Nothing secret-looking anywhere in deploy/.
+
+Nothing here touches the network. The one slow test (Prometheus scraping a real Ray head through
+deploy/start-monitoring.sh) runs only where a ``prometheus`` binary is available (PATH or PROMETHEUS_BIN).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray
+import yaml
+
+from orchestrator.config import OPSDConfig, load_config
+from orchestrator.metrics import GAUGES, STAGE_GAUGES, STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+README = DEPLOY / "README.md"
+CLUSTER_YAMLS = ("aws-gpu.yaml", "gcp-gpu.yaml")
+RUNTIME_ENV = DEPLOY / "runtime_env.yaml"
+RAYCLUSTER = DEPLOY / "kuberay" / "raycluster.yaml"
+RAYJOB = DEPLOY / "kuberay" / "rayjob.yaml"
+STORAGE = DEPLOY / "kuberay" / "storage.yaml"
+PODMONITOR = DEPLOY / "kuberay" / "podmonitor.yaml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DASHBOARD = DEPLOY / "grafana" / "opsd-dashboard.json"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+MONITORING = DEPLOY / "start-monitoring.sh"
+
+RAY_VERSION = ray.__version__
+GPUS_PER_NODE = 8
+METRICS_PORT = 8080  # every node's --metrics-export-port; the KubeRay containers' port "metrics"
+SHARED_MOUNT = "/mnt/opsd"  # storage every node sees: datasets and train.run_dir
+# Paths a job upload (and the node sync) must never carry, relative to the repository root.
+NEVER_UPLOADED = (".venv", ".git", "models", "runs", "deploy/secrets")
+
+
+def load(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+def cluster_config(name: str) -> dict:
+    return load(DEPLOY / name)
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def opsd_packages() -> list[str]:
+    """Top-level packages of the opsd distribution (pyproject's setuptools include patterns)."""
+    return [p.rstrip("*") for p in pyproject()["tool"]["setuptools"]["packages"]["find"]["include"]]
+
+
+def python_tag() -> str:
+    """py311 for requires-python >= 3.11."""
+    minimum = re.search(r">=\s*(\d+)\.(\d+)", pyproject()["project"]["requires-python"])
+    return f"py{minimum.group(1)}{minimum.group(2)}"
+
+
+# -- secrets ---------------------------------------------------------------------------------------------------
+
+TOKEN_FORMATS = {
+    "Hugging Face token": r"\bhf_[A-Za-z0-9]{30,}",
+    "AWS access key id": r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
+    "GitHub token": r"\bgh[pousr]_[A-Za-z0-9]{30,}",
+    "private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
+    "API key (sk-...)": r"\bsk-[A-Za-z0-9_-]{20,}",
+    "Slack token": r"\bxox[abpr]-[A-Za-z0-9-]{10,}",
+    "Google API key": r"\bAIza[0-9A-Za-z_-]{35}",
+}
+# An env var or key named like a credential: HF_TOKEN, AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN (not TOKENIZERS_...).
+SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|CREDENTIALS?)(_|$)", re.I)
+
+
+def token_like(text: str) -> list[str]:
+    return [kind for kind, pattern in TOKEN_FORMATS.items() if re.search(pattern, text)]
+
+
+def test_the_secret_checks_detect_secrets():
+    assert token_like("HF_TOKEN: hf_" + "aB3" * 12) == ["Hugging Face token"]
+    assert token_like("key: AKIA" + "ABCDEFGHIJKLMNOP") == ["AWS access key id"]
+    assert SECRET_NAME.search("HF_TOKEN") and SECRET_NAME.search("AWS_SECRET_ACCESS_KEY")
+    assert not SECRET_NAME.search("TOKENIZERS_PARALLELISM") and not SECRET_NAME.search("HF_HOME")
+
+
+def deploy_text_files() -> list[Path]:
+    """Every file of deploy/ that git tracks: all but local credentials in deploy/secrets/ (its README aside)."""
+    files = [p for p in DEPLOY.rglob("*") if p.is_file()]
+    return [p for p in files if p.parent != DEPLOY / "secrets" or p.name == "README.md"]
+
+
+def test_no_secret_looking_value_in_deploy():
+    found = {str(p.relative_to(ROOT)): token_like(p.read_text(errors="replace")) for p in deploy_text_files()}
+    assert not {path: kinds for path, kinds in found.items() if kinds}
+
+
+def test_secrets_directory_is_ignored_by_git():
+    ignore = (DEPLOY / ".gitignore").read_text().split()
+    assert "/secrets/*" in ignore and "!/secrets/README.md" in ignore
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        def ignored(path: str) -> bool:
+            return subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT).returncode == 0
+
+        assert ignored("deploy/secrets/hf_token") and not ignored("deploy/secrets/README.md")
+
+
+# -- cluster launcher ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def at_repo_root(monkeypatch):
+    """`ray up` runs from the repository root: file_mounts name paths relative to it."""
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.mark.parametrize("name", CLUSTER_YAMLS)
+def test_cluster_yaml_passes_ray_up_validation(name, at_repo_root):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = cluster_config(name)
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # the file as written
+    validate_config(prepare_config(config))  # merged with the provider's defaults, as `ray up` does
+
+
+@pytest.mark.parametrize("name", CLUSTER_YAMLS)
+def test_cluster_yaml_head_takes_no_work_and_gpu_nodes_scale_from_zero(name):
+    config = cluster_config(name)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0, "GPU": 0}, "no actor or task may land on the head (the driver runs there)"
+    assert head.get("max_workers", 0) == 0
+    workers = {n: t for n, t in types.items() if n != config["head_node_type"]}
+    assert len(workers) == 1, workers
+    (worker,) = workers.values()
+    assert worker["resources"]["GPU"] == GPUS_PER_NODE and worker["resources"]["CPU"] >= GPUS_PER_NODE
+    assert worker["min_workers"] == 0
+    assert 1 <= worker["max_workers"] <= config["max_workers"]
+    assert config["idle_timeout_minutes"] > 0
+
+
+@pytest.mark.parametrize("name", CLUSTER_YAMLS)
+def test_cluster_yaml_installs_opsd_with_the_gpu_engine_on_one_ray_version(name):
+    config = cluster_config(name)
+    assert config["docker"]["image"] == f"rayproject/ray:{RAY_VERSION}-{python_tag()}-gpu"
+    setup = " && ".join(config["setup_commands"])
+    assert "cd ~/opsd" in setup and re.search(r"pip install .*-e \"\.\[gpu\]\"", setup), setup
+    assert f'"ray[default]=={RAY_VERSION}"' in setup, "pip must keep the image's Ray"
+    assert "[cpu]" not in setup
+    assert config["file_mounts"]["~/opsd"] == "."
+
+
+@pytest.mark.parametrize("name", CLUSTER_YAMLS)
+def test_cluster_yaml_file_mounts_exist_and_the_sync_leaves_out_local_state(name):
+    config = cluster_config(name)
+    for remote, local in config["file_mounts"].items():
+        if not local.startswith("~"):
+            assert (ROOT / local).is_dir(), f"{remote}: {local} (relative to the repository root) must be a directory"
+    excluded = set(config["rsync_exclude"])
+    for path in NEVER_UPLOADED:
+        assert f"/{path}" in excluded or f"/{path}/*" in excluded, path
+    assert ".gitignore" in config["rsync_filter"]
+
+
+@pytest.mark.parametrize("name", CLUSTER_YAMLS)
+def test_cluster_yaml_start_commands_wire_autoscaling_dashboard_and_metrics(name):
+    config = cluster_config(name)
+    head = " ; ".join(config["head_start_ray_commands"])
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    assert "--dashboard-port=8265" in head and "--dashboard-host=0.0.0.0" in head
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert f"--metrics-export-port={METRICS_PORT}" in " ".join(commands)
+    ports = monitoring_ports()
+    assert f"RAY_GRAFANA_HOST=http://127.0.0.1:{ports['GRAFANA_PORT']}" in head
+    assert f"RAY_PROMETHEUS_HOST=http://127.0.0.1:{ports['PROMETHEUS_PORT']}" in head
+    for script in re.findall(r"~/opsd/(\S+\.sh)", head):
+        assert (ROOT / script).is_file(), script
+    # HF_TOKEN reaches the workers from the node, read from the synced secrets directory.
+    assert config["file_mounts"]["~/.opsd-secrets"] == "deploy/secrets"
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert "~/.opsd-secrets/hf_token" in " ".join(commands)
+
+
+def test_cluster_yamls_share_everything_but_the_provider():
+    aws, gcp = (cluster_config(name) for name in CLUSTER_YAMLS)
+    for key in ("docker", "file_mounts", "rsync_exclude", "rsync_filter", "setup_commands", "head_start_ray_commands",
+                "worker_start_ray_commands", "max_workers", "idle_timeout_minutes"):
+        assert aws[key] == gcp[key], key
+
+
+def placeholders(text: str) -> set[str]:
+    return set(re.findall(r"REPLACE_WITH_[A-Z0-9_]+", text))
+
+
+def test_every_placeholder_is_explained_in_the_readme():
+    files = [DEPLOY / n for n in CLUSTER_YAMLS] + [RAYCLUSTER, RAYJOB, STORAGE, DOCKERFILE]
+    used = set().union(*(placeholders(p.read_text()) for p in files))
+    assert used, "the configs have placeholders for what users must set"
+    assert used <= placeholders(README.read_text()), used - placeholders(README.read_text())
+
+
+# -- Docker image ----------------------------------------------------------------------------------------------
+
+
+def dockerfile() -> dict:
+    text = DOCKERFILE.read_text()
+    return {
+        "args": dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M)),
+        "from": re.search(r"^FROM (\S+)", text, re.M).group(1),
+        "workdir": re.search(r"^WORKDIR (\S+)", text, re.M).group(1),
+        # COPY [--flags] SRC... DEST: the sources
+        "copied": [src for line in re.findall(r"^COPY (.*)$", text, re.M)
+                   for src in [w for w in line.split() if not w.startswith("--")][:-1]],
+        "runs": re.findall(r"^RUN (.*)$", text, re.M),
+    }
+
+
+def test_dockerfile_builds_opsd_on_the_ray_image():
+    image = dockerfile()
+    args = image["args"]
+    base = image["from"].replace("${RAY_VERSION}", args["RAY_VERSION"]).replace("${PYTHON_TAG}", args["PYTHON_TAG"])
+    assert base == f"rayproject/ray:{RAY_VERSION}-{python_tag()}-gpu"
+    copied = image["copied"]
+    for needed in ("pyproject.toml", "README.md", *opsd_packages(), "recipes"):  # README.md: pyproject's readme
+        assert needed in copied, needed
+    assert any('".[gpu]"' in run and '"ray[default]==${RAY_VERSION}"' in run for run in image["runs"]), image["runs"]
+    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert {".venv", ".git", "models", "runs", "deploy/secrets"} <= set(ignored)
+
+
+# -- KubeRay ---------------------------------------------------------------------------------------------------
+
+STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+QUANTITIES = {"type": "object", "additionalProperties": {"type": ["string", "integer"]}}
+RESOURCES = {"type": "object", "additionalProperties": False,
+             "properties": {"requests": QUANTITIES, "limits": QUANTITIES}}
+CONTAINER = {
+    "type": "object", "required": ["name", "image"], "additionalProperties": False,
+    "properties": {k: {} for k in ("name", "image", "imagePullPolicy", "command", "args", "env", "envFrom", "ports",
+                                   "resources", "volumeMounts", "lifecycle", "securityContext", "livenessProbe",
+                                   "readinessProbe", "workingDir")} | {"resources": RESOURCES},
+}
+POD_TEMPLATE = {
+    "type": "object", "required": ["spec"], "additionalProperties": False,
+    "properties": {
+        "metadata": {"type": "object", "additionalProperties": False,
+                     "properties": {"labels": STR_MAP, "annotations": STR_MAP}},
+        "spec": {"type": "object", "required": ["containers"], "additionalProperties": False,
+                 "properties": {k: {} for k in ("volumes", "tolerations", "nodeSelector", "affinity",
+                                                "serviceAccountName", "initContainers", "imagePullSecrets",
+                                                "securityContext", "priorityClassName", "restartPolicy",
+                                                "terminationGracePeriodSeconds")}
+                 | {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}}},
+    },
+}
+# The RayCluster fields of KubeRay's ray.io/v1 CRD (v1.5) that may appear; unknown or misspelt ones fail.
+RAY_CLUSTER_SPEC = {
+    "type": "object", "required": ["headGroupSpec"], "additionalProperties": False,
+    "properties": {
+        "rayVersion": {"type": "string"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "authOptions": {"type": "object", "additionalProperties": False,
+                        "properties": {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"}}},
+        "autoscalerOptions": {
+            "type": "object", "additionalProperties": False,
+            "properties": {"idleTimeoutSeconds": {"type": "integer", "minimum": 1},
+                           "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+                           "version": {"enum": ["v1", "v2"]}, "resources": RESOURCES, "image": {"type": "string"},
+                           "imagePullPolicy": {"type": "string"}, "env": {}, "envFrom": {}, "securityContext": {},
+                           "volumeMounts": {}}},
+        "headGroupSpec": {
+            "type": "object", "required": ["rayStartParams", "template"], "additionalProperties": False,
+            "properties": {"serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "headService": {},
+                           "enableIngress": {"type": "boolean"}, "rayStartParams": STR_MAP,
+                           "template": POD_TEMPLATE}},
+        "workerGroupSpecs": {"type": "array", "items": {
+            "type": "object", "required": ["groupName", "rayStartParams", "template"], "additionalProperties": False,
+            "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer", "minimum": 0},
+                           "minReplicas": {"type": "integer", "minimum": 0},
+                           "maxReplicas": {"type": "integer", "minimum": 1},
+                           "idleTimeoutSeconds": {"type": "integer"}, "rayStartParams": STR_MAP,
+                           "template": POD_TEMPLATE, "scaleStrategy": {}, "suspend": {"type": "boolean"},
+                           "numOfHosts": {"type": "integer"}}}},
+        "headServiceAnnotations": STR_MAP, "suspend": {"type": "boolean"}, "managedBy": {"type": "string"},
+        "gcsFaultToleranceOptions": {},
+    },
+}
+RAY_JOB_SPEC = {
+    "type": "object", "required": ["entrypoint"], "additionalProperties": False,
+    "properties": {
+        "entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"}, "jobId": {"type": "string"},
+        "shutdownAfterJobFinishes": {"type": "boolean"}, "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+        "activeDeadlineSeconds": {"type": "integer", "minimum": 1}, "rayClusterSpec": RAY_CLUSTER_SPEC,
+        "clusterSelector": STR_MAP, "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode",
+                                                                 "SidecarMode"]},
+        "submitterPodTemplate": {}, "submitterConfig": {}, "entrypointNumCpus": {}, "entrypointNumGpus": {},
+        "entrypointResources": {"type": "string"}, "suspend": {"type": "boolean"},
+        "backoffLimit": {"type": "integer", "minimum": 0}, "managedBy": {"type": "string"}, "deletionStrategy": {},
+    },
+}
+
+
+def resource(kind: str, spec_schema: dict) -> dict:
+    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+            "properties": {"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": kind},
+                           "metadata": {"type": "object", "required": ["name"]}, "spec": spec_schema}}
+
+
+def check_cluster_spec(spec: dict) -> None:
+    assert spec["rayVersion"] == RAY_VERSION
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    assert spec["authOptions"]["mode"] == "token"
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0", "no actor or task may land on the head (the driver runs there)"
+    assert head["rayStartParams"]["metrics-export-port"] == str(METRICS_PORT)
+    (head_container,) = head["template"]["spec"]["containers"]
+    assert "nvidia.com/gpu" not in json.dumps(head_container["resources"])
+    (group,) = spec["workerGroupSpecs"]
+    assert group["minReplicas"] == 0 and group["replicas"] == 0 and group["maxReplicas"] >= 1
+    assert group["rayStartParams"].get("metrics-export-port", str(METRICS_PORT)) == str(METRICS_PORT)
+    (worker,) = group["template"]["spec"]["containers"]
+    for side in ("requests", "limits"):
+        assert str(worker["resources"][side]["nvidia.com/gpu"]) == str(GPUS_PER_NODE)
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in group["template"]["spec"][
+        "tolerations"]
+    assert head_container["image"] == worker["image"]
+    for pod in (head["template"], group["template"]):
+        (container,) = pod["spec"]["containers"]
+        assert {"containerPort": METRICS_PORT, "name": "metrics"} in container["ports"]
+        assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "opsd"  # what the PodMonitor selects
+        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert set(mounts.values()) <= set(volumes), "every volumeMount names a volume"
+        shared = volumes[mounts[SHARED_MOUNT]]
+        assert shared["persistentVolumeClaim"]["claimName"] == load(STORAGE)["metadata"]["name"]
+        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        cache_dir = yaml.safe_load(RUNTIME_ENV.read_text())["env_vars"]["HF_HOME"]
+        assert any(cache_dir.startswith(path + "/") for path in mounts), "HF_HOME is on a mounted local volume"
+        for env in container.get("env", []):  # credentials only from Secrets, never as literal values
+            assert not (SECRET_NAME.search(env["name"]) and "value" in env), env
+
+
+def test_raycluster_manifest():
+    manifest = load(RAYCLUSTER)
+    jsonschema.validate(manifest, resource("RayCluster", RAY_CLUSTER_SPEC))
+    check_cluster_spec(manifest["spec"])
+
+
+def test_storage_is_shared_by_all_pods():
+    claim = load(STORAGE)
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_podmonitor_scrapes_the_metrics_port_of_the_opsd_pods():
+    monitor = load(PODMONITOR)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "PodMonitor"
+    assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "opsd"}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["port"] == "metrics"
+    assert any(r["targetLabel"] == "ray_io_cluster" for r in endpoint["relabelings"])
+
+
+def rayjob() -> dict:
+    return load(RAYJOB)
+
+
+def test_rayjob_manifest_runs_on_the_raycluster_spec():
+    manifest = rayjob()
+    jsonschema.validate(manifest, resource("RayJob", RAY_JOB_SPEC))
+    spec = manifest["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["rayClusterSpec"] == load(RAYCLUSTER)["spec"], "rayjob.yaml's cluster drifted from raycluster.yaml"
+
+
+def test_rayjob_runtime_env_is_the_runtime_env_without_the_upload():
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load(rayjob()["spec"]["runtimeEnvYAML"])
+    RuntimeEnv(**env)
+    assert env["env_vars"] == yaml.safe_load(RUNTIME_ENV.read_text())["env_vars"]
+    assert "working_dir" not in env, "the code is in the image"
+
+
+def parse_train_command(argv: list[str]) -> tuple[str, list[str]]:
+    """(config path, overrides) of `python -m orchestrator.train --config PATH key=value ...`."""
+    assert argv[:3] == ["python", "-m", "orchestrator.train"], argv
+    args = argv[3:]
+    assert args[0] == "--config", argv
+    config, overrides = args[1], args[2:]
+    assert all("=" in item and not item.startswith("-") for item in overrides), overrides
+    return config, overrides
+
+
+def gpu_actors(cfg: OPSDConfig) -> list[float]:
+    """GPUs of each actor the run places (rollout engines, teachers unless the learner scores itself, learners)."""
+    gpus = [cfg.rollout.gpus_per_worker] * cfg.rollout.num_workers
+    if cfg.learner.loss.kind != "full":
+        gpus += [cfg.teacher.gpus_per_worker] * cfg.teacher.num_workers
+    return gpus + [cfg.learner.gpus_per_worker] * cfg.learner.num_workers
+
+
+def check_cluster_run(cfg: OPSDConfig, max_nodes: int) -> None:
+    assert cfg.placement.mode == "split" and cfg.placement.autoscaling is True
+    assert cfg.placement.placement_timeout_s >= 1200, "a cold 8-GPU node takes 5-20 minutes"
+    gpus = gpu_actors(cfg)
+    assert max(gpus) <= GPUS_PER_NODE and sum(gpus) <= GPUS_PER_NODE * max_nodes, gpus
+    assert cfg.train.run_dir.startswith(SHARED_MOUNT + "/"), "checkpoints need storage every node sees"
+    assert cfg.data.path.startswith(SHARED_MOUNT + "/")
+
+
+def test_rayjob_entrypoint_is_opsd_with_a_recipe_of_the_repo_that_loads():
+    spec = rayjob()["spec"]
+    config, overrides = parse_train_command(shlex.split(spec["entrypoint"]))
+    image_root = dockerfile()["workdir"]
+    assert config.startswith(image_root + "/"), f"{config} is not in the image's {image_root}"
+    recipe = ROOT / Path(config).relative_to(image_root)
+    assert recipe.is_file() and recipe.parent.name == "recipes", recipe
+    cfg = load_config(recipe, overrides)
+    check_cluster_run(cfg, spec["rayClusterSpec"]["workerGroupSpecs"][0]["maxReplicas"])
+
+
+# -- runtime env -----------------------------------------------------------------------------------------------
+
+
+def runtime_env() -> dict:
+    return yaml.safe_load(RUNTIME_ENV.read_text())
+
+
+def test_runtime_env_is_valid_and_brings_no_dependencies_or_secrets():
+    from ray.runtime_env import RuntimeEnv
+
+    env = runtime_env()
+    RuntimeEnv(**env)  # Ray's own checks: field names, env_vars all strings
+    assert not {"pip", "uv", "conda", "py_executable", "image_uri"} & set(env), \
+        "dependencies come from the nodes (setup commands / deploy/Dockerfile), see deploy/runtime_env.yaml"
+    assert "working_dir" not in env, "the working dir comes from `--working-dir .` (no override warning)"
+    for name, value in env["env_vars"].items():
+        assert not SECRET_NAME.search(name), f"{name}: secrets never go in a runtime env"
+        assert not token_like(value), name
+
+
+def test_runtime_env_upload_leaves_out_local_state():
+    """What `ray job submit --working-dir .` uploads, computed with Ray's own matcher and directory walk."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    excludes = runtime_env()["excludes"]
+    match = _get_excludes(ROOT, excludes)
+    for path in NEVER_UPLOADED:  # by the excludes alone (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 drops .gitignore)
+        assert match(ROOT / path) and match(ROOT / path / "anything"), path
+    for path in ("orchestrator/train.py", "recipes/opsd-qwen3-1.7b.yaml", "deploy/runtime_env.yaml"):
+        assert not match(ROOT / path), path
+
+    uploaded: list[Path] = []
+    _dir_travel(ROOT, [match], lambda p: uploaded.append(p) if p.is_file() else None, include_gitignore=True)
+    relative = {p.relative_to(ROOT).as_posix() for p in uploaded}
+    assert {"orchestrator/train.py", "recipes/opsd-qwen3-1.7b.yaml", "pyproject.toml"} <= relative
+    assert not [r for r in relative if r.split("/")[0] in {".venv", ".git", "models", "runs"}
+                or r.startswith("deploy/secrets/")]
+    size = sum(p.stat().st_size for p in uploaded)
+    assert size < 100 * 2**20, f"the job upload is {size / 2**20:.0f} MiB"
+
+
+# -- README commands -------------------------------------------------------------------------------------------
+
+
+def readme_commands() -> list[list[str]]:
+    """Shell commands of deploy/README.md's bash blocks, continuation lines joined."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in re.sub(r"\\\n\s*", " ", textwrap.dedent(block)).splitlines():
+            line = line.split(" #")[0].strip()
+            if line:
+                commands.append(shlex.split(line))
+    return commands
+
+
+def gpu_worker_type(config: dict) -> dict:
+    (worker,) = [t for n, t in config["available_node_types"].items() if n != config["head_node_type"]]
+    return worker
+
+
+def test_readme_training_commands_load():
+    """Every `ray job submit ... -- python -m orchestrator.train ...` of deploy/README.md: its files exist and its
+    config loads and fits the clusters of deploy/ (placement.autoscaling among the keys: it must exist)."""
+    submits = [argv for argv in readme_commands() if "orchestrator.train" in argv]
+    assert len(submits) >= 2  # cluster launcher and KubeRay RayCluster
+    max_nodes = min([gpu_worker_type(cluster_config(n))["max_workers"] for n in CLUSTER_YAMLS]
+                    + [load(RAYCLUSTER)["spec"]["workerGroupSpecs"][0]["maxReplicas"]])
+    for argv in submits:
+        start = argv.index("ray")
+        assert argv[start:start + 3] == ["ray", "job", "submit"], argv
+        for assignment in argv[:start]:  # RAY_AUTH_MODE=token; a credential only by reference ($VAR)
+            assert not SECRET_NAME.search(assignment.split("=")[0]) or "$" in assignment, assignment
+        options = dict(zip(argv[start + 3:argv.index("--"):2], argv[start + 4:argv.index("--"):2]))
+        assert (ROOT / options["--runtime-env"]).is_file() and options["--working-dir"] == "."
+        assert options["--address"].startswith("http://")
+        config, overrides = parse_train_command(argv[argv.index("--") + 1:])
+        check_cluster_run(load_config(ROOT / config, overrides), max_nodes)
+
+
+def test_readme_names_only_files_that_exist():
+    named = set(re.findall(r"(?<![\w/.-])((?:deploy|recipes|orchestrator)/[\w./-]*\w)", README.read_text()))
+    named |= {f"deploy/{m}" for m in re.findall(r"`((?:kuberay|prometheus|grafana|secrets)/[\w./-]*\w)`",
+                                                 README.read_text())}
+    missing = [n for n in named if not (ROOT / n).exists() and n != "deploy/secrets/hf_token"]
+    assert not missing
+
+
+def test_readme_commands_use_the_deploy_files():
+    commands = [" ".join(argv) for argv in readme_commands()]
+    assert "ray up deploy/aws-gpu.yaml" in commands and "kubectl apply -f deploy/kuberay/rayjob.yaml" in commands
+    assert "ray down deploy/aws-gpu.yaml" in README.read_text()
+
+
+# -- Grafana and Prometheus ------------------------------------------------------------------------------------
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def all_panels(panels: list[dict]) -> list[dict]:
+    out = []
+    for panel in panels:
+        out.append(panel)
+        out += all_panels(panel.get("panels", []))
+    return out
+
+
+def dashboard_queries() -> list[tuple[dict, dict]]:
+    return [(panel, target) for panel in all_panels(dashboard()["panels"]) for target in panel.get("targets", [])]
+
+
+def test_dashboard_charts_every_opsd_gauge_and_nothing_else():
+    exported = {f"ray_opsd_{name}" for name in (*GAUGES, *STAGE_GAUGES)}  # Ray adds "ray_"; gauges get no suffix
+    queried = set()
+    for _, target in dashboard_queries():
+        queried |= set(re.findall(r"\bray_opsd_\w+", target["expr"]))
+    variables = dashboard()["templating"]["list"]
+    for variable in variables:
+        queried |= set(re.findall(r"\bray_opsd_\w+", json.dumps(variable.get("query", ""))))
+    assert queried - exported == set(), "series that orchestrator/metrics.py does not export"
+    assert exported - queried == set(), "gauges of orchestrator/metrics.py missing from the dashboard"
+
+
+def test_dashboard_splits_stage_gauges_by_stage():
+    for panel, target in dashboard_queries():
+        metrics = set(re.findall(r"\bray_opsd_(\w+)", target["expr"]))
+        if metrics & set(STAGE_GAUGES):
+            assert "{{stage}}" in target["legendFormat"] or re.search(r"by \(.*stage", target["expr"]), panel["title"]
+        for stage in re.findall(r'stage=~?"([^"]+)"', target["expr"]):
+            assert set(stage.split("|")) <= set(STAGES), stage
+
+
+def test_dashboard_uses_the_datasource_variable_and_only_defined_variables():
+    board = dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for panel in all_panels(board["panels"]):
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"]
+            for name in re.findall(r"\$\{?(\w+)", target["expr"]):
+                assert name in variables, name
+    for variable in variables.values():
+        if variable["type"] == "query":
+            assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    ids = [p["id"] for p in all_panels(board["panels"])]
+    assert len(ids) == len(set(ids))
+    for panel in all_panels(board["panels"]):
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] >= 1 and grid["x"] + grid["w"] <= 24, panel["title"]
+    assert board["uid"] and board["title"]
+
+
+def test_prometheus_scrapes_ray_through_its_service_discovery_file():
+    from ray._private.ray_constants import PROMETHEUS_SERVICE_DISCOVERY_FILE
+
+    config = load(PROMETHEUS)
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ray"]
+    (sd,) = job["file_sd_configs"]
+    assert sd["files"] == [f"/tmp/ray/{PROMETHEUS_SERVICE_DISCOVERY_FILE}"]
+    # Ray's own Prometheus config (`ray metrics launch-prometheus`) reads the same file.
+    ray_config = Path(ray.__file__).parent / "dashboard/modules/metrics/export/prometheus/prometheus.yml"
+    assert [f for j in load(ray_config)["scrape_configs"] for c in j["file_sd_configs"] for f in c["files"]] == \
+        sd["files"]
+
+
+def monitoring_ports() -> dict[str, int]:
+    return {k: int(v) for k, v in re.findall(r'^(\w+_PORT)="\$\{\w+:-(\d+)\}"', MONITORING.read_text(), re.M)}
+
+
+def test_monitoring_script_is_valid_bash_and_uses_the_deploy_files():
+    subprocess.run(["bash", "-n", str(MONITORING)], check=True)
+    for relative in re.findall(r'"\$HERE/([^"]+)"', MONITORING.read_text()):
+        assert (DEPLOY / relative).is_file(), relative
+    assert set(monitoring_ports()) == {"PROMETHEUS_PORT", "GRAFANA_PORT"}
+
+
+# -- end to end: Prometheus scraping opsd's gauges from a real Ray head ------------------------------------------
+
+PROMETHEUS_BIN = os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
+
+E2E_SCRIPT = r"""
+import json, os, socket, subprocess, sys, threading, time, urllib.parse, urllib.request
+sys.path.insert(0, sys.argv[1])
+deploy, temp_dir, monitoring_dir = sys.argv[2], sys.argv[3], sys.argv[4]
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+import ray
+from orchestrator.metrics import GAUGES, STAGE_GAUGES, MetricsSink
+
+ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+         _metrics_export_port=free_port(), _temp_dir=temp_dir)
+sink = MetricsSink(os.path.join(monitoring_dir, "run"))
+record = {name: 0.5 for name in GAUGES}
+record.update({f"{name}/{stage}": 10.0 for name in STAGE_GAUGES for stage in ("rollout", "teacher", "learner")})
+stop = threading.Event()
+
+def keep_recording():
+    while not stop.is_set():
+        sink.record(record)
+        stop.wait(2)
+
+threading.Thread(target=keep_recording, daemon=True).start()
+port = free_port()
+env = dict(os.environ, RAY_TMP_DIR=temp_dir, OPSD_MONITORING_DIR=monitoring_dir, PROMETHEUS_PORT=str(port),
+           SKIP_GRAFANA="1")
+started = subprocess.run(["bash", os.path.join(deploy, "start-monitoring.sh")], env=env, capture_output=True,
+                         text=True, timeout=180)
+result = {"start": started.returncode, "log": started.stdout + started.stderr, "series": {}}
+try:
+    board = json.load(open(os.path.join(deploy, "grafana", "opsd-dashboard.json")))
+    exprs = []
+    def walk(panels):
+        for p in panels:
+            walk(p.get("panels", []))
+            exprs.extend(t["expr"] for t in p.get("targets", []))
+    walk(board["panels"])
+    deadline = time.time() + 150
+    while started.returncode == 0 and time.time() < deadline:
+        for expr in exprs:
+            query = expr.replace("$Cluster", ".*").replace("$SessionName", ".+")
+            url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+            try:
+                answer = json.load(urllib.request.urlopen(url, timeout=5))
+                result["series"][expr] = len(answer["data"]["result"])
+            except Exception as error:
+                result["series"][expr] = repr(error)
+        if all(isinstance(n, int) and n > 0 for n in result["series"].values()):
+            break
+        time.sleep(3)
+finally:
+    stop.set()
+    pid_file = os.path.join(monitoring_dir, "prometheus.pid")
+    if os.path.exists(pid_file):
+        try:
+            os.kill(int(open(pid_file).read()), 15)
+        except ProcessLookupError:
+            pass
+    sink.close()
+    ray.shutdown()
+print("RESULT " + json.dumps(result))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not PROMETHEUS_BIN, reason="needs a prometheus binary (PATH or PROMETHEUS_BIN)")
+def test_prometheus_scrapes_every_dashboard_query_from_a_ray_head():
+    env = dict(os.environ, PROMETHEUS_BIN=PROMETHEUS_BIN, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               RAY_AUTH_MODE="disabled")
+    # A short temp dir: Ray's socket paths live under it (at most 107 bytes).
+    short = Path(tempfile.mkdtemp(prefix="opsd-", dir="/tmp"))
+    try:
+        done = subprocess.run([sys.executable, "-c", E2E_SCRIPT, str(ROOT), str(DEPLOY), str(short / "ray"),
+                               str(short / "mon")], env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["start"] == 0, result["log"]
+    assert result["series"] and all(isinstance(n, int) and n > 0 for n in result["series"].values()), result
