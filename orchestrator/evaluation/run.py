@@ -3,6 +3,7 @@
 In training, with the orchestrator's rollout actors (they serve the current adapter)::
 
     evaluator = Evaluator(cfg.eval, tokenizer=load_tokenizer(model_path))   # loads and checks the benchmarks
+    evaluator.check_prompts(cfg.prompt, cfg.rollout.max_model_len or model_context(model_spec))  # before engines
     result = evaluator.run(stages.rollout)                                  # -> EvalResult
     sink.record({"step": step, **result.metrics()})                         # eval/<benchmark>/avg@n, ...
     evaluator.close()                                                       # stops the grading processes
@@ -34,6 +35,7 @@ from typing import Any, Iterator, Sequence  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 
 from opsd.configlib import ConfigError, to_dict, validate_all  # noqa: E402
 from opsd.errors import UserInputError  # noqa: E402
@@ -77,6 +79,16 @@ def split_sample_id(value: str) -> tuple[str, str, int]:
     return benchmark, problem_id, parsed[2]
 
 
+def decode_responses(table: pa.Table, tokenizer: Any, rows_per_batch: int = 256) -> list[str]:
+    """Response texts (special tokens dropped), decoded a slice of rows at a time: long thinking traces would
+    otherwise sit in memory as Python lists of token ids all at once."""
+    texts: list[str] = []
+    for start in range(0, table.num_rows, rows_per_batch):
+        ids = table.column("response_ids").slice(start, rows_per_batch).to_pylist()
+        texts += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return texts
+
+
 def load_config_benchmarks(config: EvalConfig) -> list[Benchmark]:
     return load_benchmarks(config.benchmarks, config.limit, config.mapping, config.columns)
 
@@ -94,7 +106,7 @@ def run_eval(actors: Sequence[Any], benchmarks: Sequence[Benchmark], config: Eva
                              timeout_s=config.generate_timeout_s)
     generated = time.perf_counter()
 
-    responses = tokenizer.batch_decode(table.column("response_ids").to_pylist(), skip_special_tokens=True)
+    responses = decode_responses(table, tokenizer)
     extracted = [extract_answer(text) for text in responses]
     references = table.column("answer").to_pylist()
     if grader is None:
@@ -105,15 +117,15 @@ def run_eval(actors: Sequence[Any], benchmarks: Sequence[Benchmark], config: Eva
     graded = time.perf_counter()
 
     samples = []
-    columns = {name: table.column(name).to_pylist()
-               for name in ("sample_id", "response_ids", "finish_reason", "policy_version")}
+    columns = {name: table.column(name).to_pylist() for name in ("sample_id", "finish_reason", "policy_version")}
+    lengths = pc.list_value_length(table.column("response_ids")).to_pylist()
     for i, sid in enumerate(columns["sample_id"]):
         benchmark, problem_id, index = split_sample_id(sid)
         samples.append(SampleRecord(
             benchmark=benchmark, problem_id=problem_id, sample_index=index, sample_id=sid,
             reference=references[i], extracted=extracted[i], status=statuses[i],
             correct=statuses[i] == "correct", finish_reason=columns["finish_reason"][i],
-            response_tokens=len(columns["response_ids"][i]), policy_version=columns["policy_version"][i],
+            response_tokens=lengths[i], policy_version=columns["policy_version"][i],
             response=responses[i]))
     position = {(b.name, pid): (k, j) for k, b in enumerate(benchmarks)
                 for j, pid in enumerate(b.table.column("id").to_pylist())}
@@ -216,7 +228,7 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
     benchmarks = load_config_benchmarks(config)
     tokenizer = load_tokenizer(run.model.tokenizer_path, run.model.revision, run.model.trust_remote_code)
     with Evaluator(config, tokenizer, benchmarks) as evaluator:
-        evaluator.check_prompts(run.prompt, run.max_model_len or _model_context(run.model))
+        evaluator.check_prompts(run.prompt, run.max_model_len or model_context(run.model))
         payload, lora_rank = _checked_adapter(run)
         problems = sum(b.num_problems for b in evaluator.benchmarks)
         print_fn(f"opsd eval: {problems} problems x {config.n} samples from "
@@ -257,7 +269,7 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
     return result, path
 
 
-def _model_context(model: ModelSpec) -> int | None:
+def model_context(model: ModelSpec) -> int | None:
     """The model's longest sequence (``max_position_embeddings``), what vLLM uses when max_model_len is unset."""
     from transformers import AutoConfig
 
