@@ -23,7 +23,7 @@ import ray
 
 from learner.batch import non_finite_teacher_rows, pack_micro_batches, rows_from_table, split_over_ranks
 from learner.config import LearnerConfig
-from learner.worker import LearnerWorker, StepMetrics, free_port
+from learner.worker import LearnerWorker, StepMetrics, free_port, rng_state_path
 from opsd.adapter import AdapterPayload
 from opsd.atomic import atomic_directory
 from opsd.hf import load_tokenizer, tokenizer_fingerprint
@@ -240,6 +240,11 @@ class LearnerGroup:
         state = {"group_step": self.step_count, "version": self.version, **(client_state or {})}
         with atomic_directory(directory, overwrite=True) as tmp:
             ray.get([a.call.remote("save_checkpoint", str(tmp), state) for a in self.actors], timeout=self.timeout_s)
+            missing = [r for r in range(len(self.actors)) if not rng_state_path(tmp, r).is_file()]
+            if missing:  # ranks on other nodes wrote to their own disks: this checkpoint could never be resumed
+                raise RuntimeError(f"checkpoint {directory}: the files of learner ranks {missing} are not visible "
+                                   "here; with learner ranks on several nodes, train.run_dir must be on storage "
+                                   "every node shares (e.g. an NFS or cloud-bucket mount)")
             (tmp / CLIENT_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         return Path(directory).resolve()
 

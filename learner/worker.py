@@ -309,7 +309,7 @@ class LearnerWorker:
         }
         self.engine.save_checkpoint(directory, tag="learner", client_state=state, exclude_frozen_parameters=True)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        torch.save(rng, Path(directory) / f"rng-rank{self.rank}.pt")
+        torch.save(rng, rng_state_path(directory, self.rank))
 
     def load_checkpoint(self, directory: str) -> dict:
         _, state = self.engine.load_checkpoint(directory, tag="learner", load_module_strict=False)
@@ -317,7 +317,7 @@ class LearnerWorker:
             raise FileNotFoundError(f"no learner checkpoint in {directory}")
         self.step_count = state["step"]
         self.scheduler.load_state_dict(state["scheduler"])
-        rng = torch.load(Path(directory) / f"rng-rank{self.rank}.pt", weights_only=False)
+        rng = torch.load(rng_state_path(directory, self.rank), weights_only=False)
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         return state["client"]
 
@@ -325,6 +325,11 @@ class LearnerWorker:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def rng_state_path(directory: str | Path, rank: int) -> Path:
+    """Where rank ``rank`` keeps its RNG states in a checkpoint (one file per rank: also the proof it wrote there)."""
+    return Path(directory) / f"rng-rank{rank}.pt"
 
 
 def _seed_everything(seed: int) -> None:
