@@ -16,6 +16,7 @@ from typing import Iterable, Literal
 from learner.config import LearnerConfig
 from opsd.configlib import ConfigError, apply_overrides, check, from_dict, load_yaml, save_yaml, to_dict
 from opsd.prompts import PromptConfig
+from orchestrator.evaluation.config import EvalConfig
 from rollout.config import RolloutConfig
 from teacher.config import TeacherConfig
 
@@ -215,6 +216,7 @@ class OPSDConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"doc": "Frozen teacher scoring."})
     learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"doc": "LoRA learner and loss."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Training loop."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Benchmark evaluation during training."})
     placement: PlacementConfig = field(default_factory=PlacementConfig, metadata={"doc": "Ray placement."})
 
     def validate(self) -> None:

@@ -52,6 +52,7 @@ class MetricsSink:
         write_text_atomic(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
         self._file = self.path.open("a", encoding="utf-8")
         self._gauges: dict[str, Any] = {}
+        self._eval_gauge = None
         if export_to_ray:
             self._make_gauges()
 
@@ -65,6 +66,8 @@ class MetricsSink:
             self._gauges[name] = Gauge(f"opsd_{name}", description=description)
         for name, description in STAGE_GAUGES.items():
             self._gauges[name] = Gauge(f"opsd_{name}", description=description, tag_keys=("stage",))
+        self._eval_gauge = Gauge("opsd_eval", description="Benchmark evaluation during training: the value of "
+                                 "`metric` (avg@n, pass@k, maj@n, ...) on `benchmark`", tag_keys=("benchmark", "metric"))
 
     def record(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True, default=_jsonable) + "\n")
@@ -77,6 +80,11 @@ class MetricsSink:
                         gauge.set(float(value), tags={"stage": stage})
             elif _is_number(record.get(name)):
                 gauge.set(float(record[name]))
+        if self._eval_gauge is not None:
+            for key, value in record.items():  # eval/<benchmark>/<metric>
+                parts = key.split("/")
+                if len(parts) == 3 and parts[0] == "eval" and _is_number(value):
+                    self._eval_gauge.set(float(value), tags={"benchmark": parts[1], "metric": parts[2]})
 
     def close(self) -> None:
         self._file.close()

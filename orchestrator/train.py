@@ -137,10 +137,12 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     sampler, total_steps, first_step = data.sampler, data.total_steps, 0
     print_fn(f"opsd: {data.description}; {total_steps} steps of {cfg.train.prompts_per_step} prompts; "
              f"loss {cfg.learner.loss.kind}; run dir {run_dir}")
+    evaluator = benchmark_evaluator(cfg)  # bad benchmark files fail here, before Ray starts
     with ray_session(cfg, logical_cpus(cfg)) as where:
         print_fn(f"opsd: Ray {where}; dashboard {ray_dashboard_url()}")
         stages = start_stages(cfg, total_steps, log=print_fn)
         evaluations: dict[int, float] = {}
+        benchmarks: dict[int, dict[str, float]] = {}
         sink = None
         try:
             held_table = None
@@ -156,6 +158,8 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
             if held_table is not None and 0 not in evaluations:
                 evaluations[0] = stages.learner.evaluate(held_table)
                 print_fn(f"opsd: held-out GJS before training: {evaluations[0]:.5f} ({held_table.num_rows} traces)")
+            if evaluator is not None and resume is None:
+                benchmarks[0] = run_benchmarks(evaluator, stages, 0, print_fn)
             in_flight_from = sampler.cursor  # the data position of the batch in flight: where a resume restarts
             pending = stages.launch_rollouts(sampler.next_batch())
             for step in range(first_step, total_steps):
@@ -177,6 +181,9 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                 if not learned.skipped:
                     stages.push_adapter(payload)
                 sync_seconds = time.perf_counter() - t0
+                benchmark_metrics = {}
+                if evaluator is not None and (last or (step + 1) % cfg.eval.every == 0):
+                    benchmark_metrics = benchmarks[step + 1] = run_benchmarks(evaluator, stages, step + 1, print_fn)
                 if cfg.train.max_staleness == 0 and not last:
                     in_flight_from = sampler.cursor
                     pending = stages.launch_rollouts(sampler.next_batch())
@@ -185,6 +192,7 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                                      sync_seconds, time.perf_counter() - started, stages.learner.version)
                 record["rows_in_flight"] = 0 if last else pending.num_rows  # the next step's, already sampling
                 record["workers_replaced"] = sum(stages.replaced.values())
+                record.update(benchmark_metrics)
                 if held_table is not None and (last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
                     evaluations[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(held_table)
                 sink.record(record)
@@ -201,10 +209,12 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
         finally:
             if sink is not None:
                 sink.close()
+            if evaluator is not None:
+                evaluator.close()
             stages.shutdown()
     throughput = run_throughput(read_metrics(run_dir))
     summary = {"steps": total_steps, "final_adapter_version": stages.learner.version, "run_dir": str(run_dir),
-               "heldout_gjs": evaluations, "tokens_per_second": throughput}
+               "heldout_gjs": evaluations, "tokens_per_second": throughput, "eval": benchmarks}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if evaluations:
         first, final = evaluations[0], evaluations[max(evaluations)]
@@ -212,6 +222,37 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     print_fn("opsd: tokens/s over the run: " + ", ".join(f"{stage} {rate:,.0f}" for stage, rate in throughput.items()))
     print_fn(f"opsd: run directory {run_dir.resolve()} (curves: opsd plot {run_dir})")
     return run_dir
+
+
+def benchmark_evaluator(cfg: OPSDConfig):
+    """The in-training evaluator (``eval.every`` > 0): benchmarks loaded and checked, prompts checked against the
+    engines' context; None when off."""
+    if not cfg.eval.every:
+        return None
+    from opsd.hf import load_tokenizer
+    from orchestrator.evaluation.run import Evaluator, model_context
+    from orchestrator.stages import model_spec
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
+    evaluator = Evaluator(cfg.eval, tokenizer)
+    try:
+        evaluator.check_prompts(cfg.prompt, cfg.rollout.max_model_len or model_context(model_spec(cfg)))
+    except BaseException:
+        evaluator.close()
+        raise
+    return evaluator
+
+
+def run_benchmarks(evaluator, stages, step: int, print_fn) -> dict[str, float]:
+    """Evaluate what the rollout workers serve now; flat ``eval/<benchmark>/<metric>`` numbers."""
+    result = evaluator.run(stages.rollout)
+    metrics = result.metrics()
+    n = evaluator.config.n
+    scores = ", ".join(f"{name} avg@{n} {metrics[f'eval/{name}/avg@{n}']:.3f} "
+                       f"[{metrics[f'eval/{name}/avg@{n}_ci95_low']:.3f}, {metrics[f'eval/{name}/avg@{n}_ci95_high']:.3f}]"
+                       for name in result.benchmarks)
+    print_fn(f"opsd: eval after step {step}: {scores} ({metrics.get('eval/seconds', 0.0):.0f} s)")
+    return metrics
 
 
 def step_record(step, sampler, rollouts, learned, teacher_skipped, teacher_tokens, seconds, sync_seconds, total,

@@ -75,7 +75,8 @@ def first_run(tiny_model_dir, tmp_path_factory) -> Run:
         scraper = MetricsScraper(f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics")
         scraper.start()
         try:
-            train(tiny_config(tiny_model_dir, run_dir), print_fn=lines.append)
+            train(tiny_config(tiny_model_dir, run_dir, "eval.every=2", "eval.benchmarks=[gsm8k]", "eval.limit=2",
+                              "eval.n=2", "eval.max_tokens=8", "eval.grade_processes=1"), print_fn=lines.append)
         finally:
             scraper.stop.set()
             scraper.join(timeout=10)
@@ -109,9 +110,21 @@ def test_run_directory_and_progress(first_run):
     assert any("held-out GJS" in line and "before" in line for line in lines)
 
 
+def test_benchmark_evaluation_every_n_steps_is_logged(first_run):
+    records = read_metrics(first_run.run_dir)
+    evaluated = [r["step"] for r in records if "eval/gsm8k/avg@2" in r]
+    assert evaluated == [2, 4]
+    for r in records:
+        if r["step"] in evaluated:
+            assert 0.0 <= r["eval/gsm8k/avg@2"] <= 1.0 and "eval/gsm8k/maj@2" in r and "eval/gsm8k/pass@2" in r
+    summary = json.loads((first_run.run_dir / "summary.json").read_text())
+    assert set(summary["eval"]) == {"0", "2", "4"}  # the base model's score before training, then every 2 steps
+    assert sum("opsd: eval after step" in line for line in first_run.lines) == 3
+
+
 def test_opsd_metrics_appear_at_the_ray_metrics_endpoint_during_the_run(first_run):
     expected = {"ray_opsd_loss", "ray_opsd_gjs", "ray_opsd_step_seconds", "ray_opsd_tokens_per_second",
-                "ray_opsd_policy_staleness", "ray_opsd_adapter_sync_seconds"}
+                "ray_opsd_policy_staleness", "ray_opsd_adapter_sync_seconds", "ray_opsd_eval"}
     assert expected <= first_run.metric_names, f"seen at the endpoint: {sorted(first_run.metric_names)}"
 
 
