@@ -27,7 +27,7 @@ from opsd.adapter import AdapterPayload
 from orchestrator.config import OPSDConfig
 from orchestrator.placement import ClusterView, Reservation, ResourcePlan, reserve
 from orchestrator.recovery import gather_shards
-from rollout.actor import RolloutActor, actor_options
+from rollout.actor import RolloutActor, actor_options, stop_rollout_actors
 from rollout.resources import ModelSpec
 from rollout.sharding import merge_tables, shard_rows
 from teacher.actor import TeacherActor
@@ -115,11 +115,8 @@ class Stages:
     def shutdown(self) -> None:
         try:
             self.learner.shutdown()
-            try:  # let the engines remove their adapter scratch directories; bounded, then killed regardless
-                ray.get([actor.close.remote() for actor in self.rollout], timeout=60)
-            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
-                pass
-            for actor in self.rollout + self.teachers:
+            stop_rollout_actors(self.rollout)
+            for actor in self.teachers:
                 ray.kill(actor)
         finally:
             self.reservation.release()

@@ -19,25 +19,18 @@ Outputs go to ``train.run_dir``: ``config.yaml``, ``metrics.jsonl``, ``adapters/
 
 from __future__ import annotations
 
-import os
-
-# Embedded clusters keep every Ray listener on 127.0.0.1. Ray reads this at import, so it is set before any import
-# of ray; a job attached to a real cluster (RAY_ADDRESS set) keeps Ray's own default.
-if not os.environ.get("RAY_ADDRESS"):
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+from orchestrator.cluster import ray_session  # noqa: I001 - first: sets Ray's listener address before ray's import
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Iterator, Sequence  # noqa: E402
+from typing import Sequence  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
-import ray  # noqa: E402
 
 from learner.group import read_client_state  # noqa: E402
 from opsd.adapter import write_adapter_dir  # noqa: E402
@@ -49,24 +42,6 @@ from orchestrator.metrics import MetricsSink, read_metrics, run_throughput  # no
 from orchestrator.sampler import Cursor, EpochSampler  # noqa: E402
 from orchestrator.stages import logical_cpus, start_stages  # noqa: E402
 from rollout.table import rollout_stats  # noqa: E402
-
-
-@contextmanager
-def ray_session(cfg: OPSDConfig, logical_cpus: int) -> Iterator[str]:
-    """Attach to ``placement.address`` / ``RAY_ADDRESS``, or start an embedded Ray on 127.0.0.1 (dashboard on)."""
-    address = cfg.placement.address or os.environ.get("RAY_ADDRESS")
-    if ray.is_initialized():  # e.g. a caller (test, notebook) that runs its own cluster
-        yield "existing"
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", num_cpus=logical_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1")
-    try:
-        yield address or "embedded"
-    finally:
-        ray.shutdown()
 
 
 @dataclass
@@ -138,8 +113,8 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     print_fn(f"opsd: {data.description}; {total_steps} steps of {cfg.train.prompts_per_step} prompts; "
              f"loss {cfg.learner.loss.kind}; run dir {run_dir}")
     evaluator = benchmark_evaluator(cfg)  # bad benchmark files fail here, before Ray starts
-    with ray_session(cfg, logical_cpus(cfg)) as where:
-        print_fn(f"opsd: Ray {where}; dashboard {ray_dashboard_url()}")
+    with ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg)) as session:
+        print_fn(f"opsd: Ray {session.where}" + (f"; dashboard {session.dashboard}" if session.dashboard else ""))
         stages = start_stages(cfg, total_steps, log=print_fn)
         evaluations: dict[int, float] = {}
         benchmarks: dict[int, dict[str, float]] = {}
@@ -283,13 +258,6 @@ def progress_line(r: dict, total_steps: int) -> str:
             f"tok/s rollout {r['tokens_per_second/rollout']:,.0f} teacher {r['tokens_per_second/teacher']:,.0f} "
             f"learner {r['tokens_per_second/learner']:,.0f} | {r['step_seconds']:.1f} s"
             + (f" | skipped: {r['skip_reason']}" if r["skipped"] else ""))
-
-
-def ray_dashboard_url() -> str:
-    try:
-        return "http://" + ray.get_runtime_context().gcs_address.split(":")[0] + ":8265"
-    except Exception:  # noqa: BLE001 - informative only
-        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -89,3 +89,13 @@ def generate_sharded(actors: Sequence[ray.actor.ActorHandle], problems: pa.Table
     shards = shard_rows(problems, len(actors))
     refs = [actor.generate.remote(shard, sampling) for actor, shard in zip(actors, shards)]
     return merge_tables(ray.get(refs, timeout=timeout_s))
+
+
+def stop_rollout_actors(actors: Sequence[ray.actor.ActorHandle], timeout_s: float = 60.0) -> None:
+    """Let the engines remove their adapter scratch files (bounded), then kill the actors by handle."""
+    try:
+        ray.get([actor.close.remote() for actor in actors], timeout=timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+        pass
+    for actor in actors:
+        ray.kill(actor)

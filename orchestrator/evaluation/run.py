@@ -21,35 +21,31 @@ response has its own seed (``rollout.table.trace_seed``) and the same settings g
 
 from __future__ import annotations
 
+from orchestrator.cluster import ray_session  # noqa: I001 - first: sets Ray's listener address before ray's import
+
 import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
-# An embedded cluster keeps every Ray listener on 127.0.0.1 (see orchestrator/train.py). Ray reads this at import.
-if not os.environ.get("RAY_ADDRESS"):
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-import time  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Iterator, Sequence  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-
-from opsd.configlib import ConfigError, to_dict, validate_all  # noqa: E402
-from opsd.errors import UserInputError  # noqa: E402
-from opsd.prompts import PromptBuilder, PromptConfig  # noqa: E402
-from opsd.schema import PROBLEM_SCHEMA, sample_id  # noqa: E402
-from orchestrator.evaluation.benchmarks import Benchmark, load_benchmarks  # noqa: E402
-from orchestrator.evaluation.config import EvalConfig  # noqa: E402
-from orchestrator.evaluation.extract import extract_answer  # noqa: E402
-from orchestrator.evaluation.grading import Grader  # noqa: E402
-from orchestrator.evaluation.records import EvalResult, SampleRecord, summarize  # noqa: E402
-from rollout.config import VLLM_MAX_LORA_RANKS, RolloutConfig  # noqa: E402
-from rollout.resources import ModelSpec  # noqa: E402
-from rollout.table import parse_sample_id, rollout_stats  # noqa: E402
-from rollout.worker import Sampling  # noqa: E402
+from opsd.configlib import ConfigError, to_dict, validate_all
+from opsd.errors import UserInputError
+from opsd.prompts import PromptBuilder, PromptConfig
+from opsd.schema import PROBLEM_SCHEMA, sample_id
+from orchestrator.evaluation.benchmarks import Benchmark, load_benchmarks
+from orchestrator.evaluation.config import EvalConfig
+from orchestrator.evaluation.extract import extract_answer
+from orchestrator.evaluation.grading import Grader
+from orchestrator.evaluation.records import EvalResult, SampleRecord, summarize
+from rollout.config import VLLM_MAX_LORA_RANKS, RolloutConfig
+from rollout.resources import ModelSpec
+from rollout.table import parse_sample_id, rollout_stats
+from rollout.worker import Sampling
 
 
 def sampling_of(config: EvalConfig) -> Sampling:
@@ -234,7 +230,9 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
         print_fn(f"opsd eval: {problems} problems x {config.n} samples from "
                  f"{', '.join(f'{b.name} ({b.num_problems})' for b in evaluator.benchmarks)}")
 
-        with _ray_session(run.address):
+        from rollout.actor import stop_rollout_actors
+
+        with ray_session(run.address, num_cpus=len(os.sched_getaffinity(0)), dashboard=False):
             import ray
 
             gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -252,7 +250,7 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
                 print_fn(f"opsd eval: engines up in {engine_seconds:.0f} s; sampling")
                 result = evaluator.run(actors)
             finally:
-                _stop_actors(actors)
+                stop_rollout_actors(actors)
         result.seconds["engine_start"] = engine_seconds
         result.seconds["total"] = time.perf_counter() - started
         info = {
@@ -327,33 +325,3 @@ def _start_actors(run: EvalRun, rollout: RolloutConfig) -> list[Any]:
     return start_rollout_actors(run.model, rollout, run.prompt, timeout_s=run.start_timeout_s)
 
 
-def _stop_actors(actors: Sequence[Any]) -> None:
-    """Let the engines remove their scratch files (bounded), then kill them by handle."""
-    import ray
-
-    try:
-        ray.get([actor.close.remote() for actor in actors], timeout=60)
-    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
-        pass
-    for actor in actors:
-        ray.kill(actor)
-
-
-@contextmanager
-def _ray_session(address: str | None) -> Iterator[None]:
-    """Use the caller's Ray, attach to ``address`` / ``RAY_ADDRESS``, or start an embedded one on 127.0.0.1."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", num_cpus=len(os.sched_getaffinity(0)), include_dashboard=False,
-                 _node_ip_address="127.0.0.1")
-    try:
-        yield
-    finally:
-        ray.shutdown()

@@ -1,0 +1,47 @@
+"""Which Ray cluster a job runs on: the caller's, the one at an address, or an embedded one on 127.0.0.1.
+
+``opsd train`` and ``opsd eval`` both run here. An embedded cluster keeps every Ray listener on 127.0.0.1:
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which Ray reads once at import, so this module sets it before importing
+``ray`` and the entrypoints import it before anything else that imports ``ray``. A job attached to a real cluster
+(``RAY_ADDRESS`` set, as ``ray job submit`` does) keeps Ray's own default.
+"""
+
+from __future__ import annotations
+
+import os
+
+if not os.environ.get("RAY_ADDRESS"):
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+from contextlib import contextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Iterator  # noqa: E402
+
+import ray  # noqa: E402
+
+
+@dataclass(frozen=True)
+class RaySession:
+    where: str  # "existing", "embedded", or the cluster address
+    dashboard: str | None  # the dashboard's URL when this call started or joined the cluster and Ray reported it
+
+
+@contextmanager
+def ray_session(address: str | None, *, num_cpus: int, dashboard: bool = True) -> Iterator[RaySession]:
+    """The caller's Ray (``existing``: a test, a notebook), the cluster at ``address`` / ``RAY_ADDRESS``, or an
+    embedded one (a local Ray on 127.0.0.1 with ``num_cpus`` logical CPUs; its dashboard on 127.0.0.1 when
+    ``dashboard``). A cluster this call started or joined is left (shut down for an embedded one) on exit."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        yield RaySession("existing", None)
+        return
+    if address:
+        context = ray.init(address=address)
+    else:
+        context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                           dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+    url = getattr(context, "dashboard_url", None)
+    try:
+        yield RaySession(address or "embedded", f"http://{url}" if url and "://" not in url else url)
+    finally:
+        ray.shutdown()
