@@ -4,6 +4,7 @@
     opsd model import-gguf --out DIR [--gguf]  GGUF (default: SmolLM2-135M-Instruct) -> HF safetensors
     opsd data check FILE --mapping gsm8k       load and validate a dataset, print what was kept
     opsd config show [--config FILE] [k=v ...] the resolved config, as YAML
+    opsd config reference [--write]            every config key with type, default and doc (Markdown; --write: README)
     opsd prompts [--config FILE] [k=v ...]     the first student and teacher prompts, with token counts
     opsd train --config FILE [k=v ...]         train (embedded Ray, or the cluster at RAY_ADDRESS)
     opsd quickstart                            what `make quickstart` runs
@@ -68,6 +69,17 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
 
     print(dump_yaml(to_dict(load_config(args.config, args.overrides))), end="")
+    return 0
+
+
+def _cmd_config_reference(args: argparse.Namespace) -> int:
+    from orchestrator.reference import README, config_reference, write_readme_reference
+
+    if args.write:
+        changed = write_readme_reference(README)
+        print(f"{README}: config reference {'updated' if changed else 'already current'}")
+    else:
+        print(config_reference(), end="")
     return 0
 
 
@@ -187,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="config_command", required=True, metavar="ACTION"
     )
     with_config(config.add_parser("show", help="print the resolved config as YAML")).set_defaults(func=_cmd_config_show)
+    reference = config.add_parser("reference", help="every config key with its type, default and doc (Markdown)")
+    reference.add_argument("--write", action="store_true", help="rewrite the config reference block of README.md")
+    reference.set_defaults(func=_cmd_config_reference)
 
     prompts = with_config(commands.add_parser("prompts", help="print the first student and teacher prompts"))
     prompts.add_argument("--rows", type=int, default=1, help="how many rows to show")
