@@ -13,6 +13,8 @@ import os
 if not os.environ.get("RAY_ADDRESS"):
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+import signal  # noqa: E402
+import threading  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Iterator  # noqa: E402
@@ -41,7 +43,23 @@ def ray_session(address: str | None, *, num_cpus: int, dashboard: bool = True) -
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
                            dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
     url = getattr(context, "dashboard_url", None)
+    previous = _exit_on_sigterm() if not address else None
     try:
         yield RaySession(address or "embedded", f"http://{url}" if url and "://" not in url else url)
     finally:
         ray.shutdown()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """Make SIGTERM (``kill``, a scheduler stopping the job) raise ``SystemExit`` in the main thread, so that the
+    ``finally`` blocks run: actors stopped, the embedded cluster shut down. Python's default for SIGTERM is to die at
+    once, which orphans the cluster's agent processes. Returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
