@@ -21,6 +21,8 @@ CPU (no GPU visible to vLLM):
   slower than the base model (benchmarks/RESULTS.md). Adapter versions are merged into the engine's weights instead
   (:mod:`rollout.serving`) and the engine is built without ``enable_lora``. With ``adapter_serving: lora`` the
   engine gets LoRA slots on the transformer blocks only (``lora_target_modules``, see :func:`engine_launch`).
+* **No chunked prefill**: with it, vLLM's CPU build fails on seeded requests whose batch needs more than one
+  prefill step (see :func:`engine_launch`); every opsd trace is seeded.
 * ``enforce_eager`` (config, default on): compiling took 88 s to start and gave no speed-up on CPU.
 
 GPU: vLLM's defaults (engine core in its own process), with ``tensor_parallel_size`` and
@@ -137,7 +139,12 @@ def engine_launch(model: ModelSpec, config: RolloutConfig, *, on_cpu: bool, lora
     if not cpu_cores:
         raise ValueError("a CPU engine needs its cores (see cpu_cores_for)")
     cores = tuple(sorted(cpu_cores))
-    kwargs.update(distributed_executor_backend="uni", kv_cache_memory_bytes=int(config.cpu_kv_cache_gib * GIB))
+    kwargs.update(distributed_executor_backend="uni", kv_cache_memory_bytes=int(config.cpu_kv_cache_gib * GIB),
+                  # With chunked prefill a batch of more prompt tokens than one step holds (4,096) is prefilled
+                  # over several steps, and for a seeded request vLLM then sets the offset of a CPU random
+                  # generator: "CPU Generator does not use offset". Every opsd trace is seeded, so CPU engines
+                  # prefill each prompt whole (a step then holds up to max_model_len tokens).
+                  enable_chunked_prefill=False)
     env: dict[str, str | None] = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": None,
