@@ -59,6 +59,9 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax_loss.plot(steps, series("loss"), label="loss (batch)")
     ax_loss.plot(steps, series("gjs"), label="GJS (batch)", linestyle="--")
     held = [(r["step"], _number(r.get("heldout_gjs"))) for r in records if r.get("heldout_gjs") is not None]
+    before = _heldout_before(run_dir)  # step 0 is measured before training: it lives in summary.json, not in a step
+    if before is not None:
+        held.insert(0, (0, before))
     if held:
         ax_loss.plot(*zip(*held), "o-", label="GJS (held-out)")
     ax_loss.set_ylabel("per response token")
@@ -82,6 +85,16 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     finally:
         plt.close(fig)
     return out
+
+
+def _heldout_before(run_dir: str | os.PathLike) -> float | None:
+    """The held-out GJS before training, from a finished run's ``summary.json`` (None while running, or without)."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("heldout_gjs", {}).get("0")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _number(value) -> float:

@@ -36,6 +36,20 @@ def test_plot_writes_a_png_of_the_run(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # written through a temporary file, nothing left over
 
 
+def test_plot_draws_the_held_out_value_before_training_from_the_summary(tmp_path):
+    import json
+
+    import matplotlib.image
+
+    write_run(tmp_path, steps=4)
+    without = matplotlib.image.imread(plot_run(tmp_path, tmp_path / "a.png"))
+    (tmp_path / "summary.json").write_text(json.dumps({"heldout_gjs": {"0": 1.3, "4": 0.3}}))
+    with_before = matplotlib.image.imread(plot_run(tmp_path, tmp_path / "b.png"))
+    assert (without != with_before).any()  # the step-0 point (and the rescaled axis) changed the picture
+    (tmp_path / "summary.json").write_text("{not json")
+    plot_run(tmp_path, tmp_path / "c.png")  # a broken summary is ignored: the steps still plot
+
+
 def test_plot_to_a_chosen_file_and_the_cli(tmp_path, capsys):
     from orchestrator.cli import main
 
