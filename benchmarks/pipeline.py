@@ -51,7 +51,7 @@ def run(model: str, staleness: int, args, scratch: Path) -> dict:
     cfg = load_config(REPO_ROOT / "recipes" / "tiny-cpu.yaml", [
         f"model.path={model}", "data.limit=null", f"train.steps={args.steps}",
         f"train.prompts_per_step={args.prompts}", f"rollout.max_response_tokens={args.response}",
-        f"train.max_staleness={staleness}", f"train.run_dir={scratch / f'run-s{staleness}'}", "train.eval_rows=0",
+        f"train.max_staleness={staleness}", f"train.run_dir={scratch / f'run-s{staleness}'}", "train.heldout_rows=0",
         "train.checkpoint_every=0",
     ])
     start = time.perf_counter()

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from opsd.configlib import check
+from typing import TYPE_CHECKING
 
-# vLLM only serves LoRA adapters of these ranks (its max_lora_rank choices); the rollout engines load every
-# adapter the learner exports, so the learner may not train any other rank.
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from opsd.configlib import check
+from opsd.lora import VLLM_LORA_RANKS
+
+if TYPE_CHECKING:
+    from learner.kinds import LossKind
 
 NON_LORA_MODULES = ("lm_head", "embed_tokens")
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -66,12 +68,18 @@ class LossConfig:
         default=0.5,
         metadata={"doc": "GJS weight beta in [0, 1]: 0 is forward KL(teacher || student), 1 is reverse KL."},
     )
-    temperature: float = field(
-        default=1.0,
+    temperature: float | None = field(
+        default=None,
         metadata={
             "doc": "Loss temperature tau (> 0): student and teacher logits are divided by it before the divergence; "
-            "the teacher's top-k is tempered with the same tau."
+            "the teacher's top-k is tempered with the same tau. None: rollout.temperature (1.0 for greedy "
+            "sampling), so that the loss sees the distribution the traces were sampled from."
         },
+    )
+    allow_temperature_mismatch: bool = field(
+        default=False,
+        metadata={"doc": "Accept a temperature that differs from rollout.temperature (otherwise refused: the loss "
+                  "would compare distributions the traces were not sampled from)."},
     )
     chunk_size: int = field(
         default=1024,
@@ -82,9 +90,21 @@ class LossConfig:
         metadata={"doc": "Per-token clip of the divergence before averaging (> 0). None: no clipping."},
     )
 
+    @property
+    def tau(self) -> float:
+        """The temperature the loss divides logits by (1.0 when unset; a run config sets it, see temperature)."""
+        return 1.0 if self.temperature is None else self.temperature
+
+    @property
+    def loss_kind(self) -> LossKind:
+        from learner.kinds import loss_kind
+
+        return loss_kind(self.kind)
+
     def validate(self) -> None:
         check(0 <= self.beta <= 1, "beta", f"must be in [0, 1], got {self.beta}")
-        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(self.temperature is None or self.temperature > 0, "temperature",
+              f"must be > 0 or null, got {self.temperature}")
         check(self.chunk_size >= 1, "chunk_size", f"must be >= 1, got {self.chunk_size}")
         check(self.clip is None or self.clip > 0, "clip", f"must be > 0 or null, got {self.clip}")
 

@@ -1,13 +1,11 @@
 """The learner group: L Ray actors, one ``LearnerWorker`` per rank, trained as one data-parallel DeepSpeed job.
 
-    group = LearnerGroup(model_path, learner_config, total_steps=100, actor_options={"num_gpus": 1})
-    metrics = group.train_step(scored_table)          # splits rows over ranks, one optimizer step
-    payload = group.export_adapter(version=1)         # AdapterPayload for the rollout workers
-    group.save_checkpoint("runs/x/checkpoints/step-10", client_state={"cursor": ...})
+    group = LearnerGroup(model, learner_config, total_steps=100, actor_options=reservation_options)
+    metrics = group.train_step(scored)        # table refs of the previous stage (or a table): one optimizer step
+    payload = group.export_adapter()          # AdapterPayload for the rollout workers
 
-Rendezvous: rank 0's actor reports its node address and a free port; every rank then joins torch.distributed there
-(gloo on CPU, NCCL on GPU). Each step's table is checked (columns, tokenizer, k, temperature) and split here, in the
-caller's process, so that every rank gets the same number of micro-batches; the actors only run them.
+Every rank reads the step's table from the object store itself, checks it, and computes the same split
+(:mod:`learner.batch`); the driver only sends refs and reads metrics back.
 """
 
 from __future__ import annotations
@@ -16,21 +14,23 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pyarrow as pa
 import ray
 
-from learner.batch import non_finite_teacher_rows, pack_micro_batches, rows_from_table, split_over_ranks
+from learner.batch import StepPlan, plan_step, rows_from_table
 from learner.config import LearnerConfig
 from learner.worker import LearnerWorker, StepMetrics, free_port, rng_state_path
+from opsd.actors import get, kill_actors
 from opsd.adapter import AdapterPayload
 from opsd.atomic import atomic_directory
-from opsd.hf import load_tokenizer, tokenizer_fingerprint
+from opsd.hf import tokenizer_fingerprint
+from opsd.model import ModelSpec, as_model_spec
 from opsd.prompts import PromptBuilder, PromptConfig
-from opsd.schema import TableError, TableMetadata, check_metadata, check_table
+from opsd.schema import TableMetadata
+from opsd.tables import TableRefs, concat_tables
 from opsd.teacher_context import build_contexts
-
 
 CLIENT_STATE_FILE = "client_state.json"
 
@@ -43,22 +43,6 @@ def read_client_state(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-class _LearnerActor:
-    """The Ray-side shell: address discovery, then a LearnerWorker built in place."""
-
-    def address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port("")
-
-    def setup(self, **kwargs) -> None:
-        self.worker = LearnerWorker(**kwargs)
-
-    def call(self, method: str, *args, **kwargs):
-        return getattr(self.worker, method)(*args, **kwargs)
-
-
-LearnerActor = ray.remote(_LearnerActor)
-
-
 @dataclass(frozen=True)
 class FullTeacherSettings:
     """What the learner needs to build teacher contexts itself (full-vocabulary loss): the same prompt templates and
@@ -67,6 +51,35 @@ class FullTeacherSettings:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     max_context_tokens: int = 32_768
     on_overlength: str = "truncate_solution"
+
+
+@dataclass(frozen=True)
+class RankSetup:
+    """What every rank is built from (the same for all ranks but the rank number)."""
+
+    model: ModelSpec
+    config: LearnerConfig
+    world_size: int
+    master_addr: str
+    master_port: int
+    total_steps: int
+    seed: int
+    expected_top_k: int | None
+    full_teacher: FullTeacherSettings
+
+
+@dataclass
+class RankStep:
+    """One rank's step: the plan it computed (the same on every rank) and, unless the step was skipped before any
+    forward, its metrics."""
+
+    rows: int
+    global_tokens: int
+    skipped_rows: dict[str, int]
+    staleness: list[int]
+    skip_reason: str = ""
+    metrics: StepMetrics | None = None
+    prepare_seconds: float = 0.0
 
 
 @dataclass
@@ -90,146 +103,165 @@ class GroupStepMetrics:
         return dict(self.__dict__)
 
 
+class LearnerRank:
+    """One rank, as a Ray actor: its address for the rendezvous, then a ``LearnerWorker`` built in place. It reads,
+    checks and splits each step's table itself."""
+
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port("")
+
+    def setup(self, rank: int, setup: RankSetup) -> None:
+        self.rank, self.setup_ = rank, setup
+        self.worker = LearnerWorker(setup.model, setup.config, rank=rank, world_size=setup.world_size,
+                                    master_addr=setup.master_addr, master_port=setup.master_port,
+                                    total_steps=setup.total_steps, seed=setup.seed)
+        tokenizer = setup.model.load_tokenizer()
+        vocab_size = int(setup.model.load_config().vocab_size)
+        self.kind = setup.config.loss.loss_kind
+        self.expected = TableMetadata(setup.model.path, tokenizer_fingerprint(tokenizer), vocab_size,
+                                      setup.expected_top_k, setup.config.loss.tau)
+        self.builder = PromptBuilder(tokenizer, setup.full_teacher.prompt) if self.kind.runs_frozen_base else None
+
+    def _table(self, tables: Sequence[pa.Table]) -> pa.Table:
+        table = concat_tables(tables)
+        self.kind.check_table(table, self.expected)
+        return table
+
+    def _plan(self, table: pa.Table) -> StepPlan:
+        contexts = None
+        if self.kind.runs_frozen_base:
+            settings = self.setup_.full_teacher
+            contexts = build_contexts(self.builder, table.column("problem").to_pylist(),
+                                      table.column("solution").to_pylist(), table.column("response_ids").to_pylist(),
+                                      settings.max_context_tokens, settings.on_overlength)
+        rows = rows_from_table(table, self.kind, contexts)
+        return plan_step(rows, self.setup_.world_size, self.setup_.config.micro_batch_tokens,
+                         contexts.skipped if contexts is not None else None)
+
+    def train_step(self, version: int, *tables: pa.Table) -> RankStep:
+        started = time.perf_counter()
+        table = self._table(tables)
+        staleness = [version - v for v in table.column("policy_version").to_pylist()]
+        bad = self.kind.non_finite_rows(table) if self.kind.needs_teacher_stage else []
+        if bad:
+            return RankStep(table.num_rows, 0, {}, staleness, f"non-finite teacher values in {bad[:3]}")
+        plan = self._plan(table)
+        step = RankStep(table.num_rows, plan.global_tokens, plan.skipped_rows, staleness)
+        if plan.global_tokens == 0:
+            step.skip_reason = "empty step: no response tokens to train on"
+            return step
+        micro = plan.micro_batches(self.rank, self.kind, self.worker.pad_id)
+        step.prepare_seconds = time.perf_counter() - started
+        step.metrics = self.worker.train_step(micro, plan.global_tokens, plan.num_micro_batches)
+        return step
+
+    def evaluate(self, *tables: pa.Table) -> tuple[float, int]:
+        """This rank's share of the summed divergence, and the global token count."""
+        plan = self._plan(self._table(tables))
+        total, _ = self.worker.evaluate(plan.micro_batches(self.rank, self.kind, self.worker.pad_id),
+                                        plan.num_micro_batches)
+        return total, plan.global_tokens
+
+    def export_adapter(self, version: int) -> AdapterPayload | None:
+        return self.worker.export_adapter(version)
+
+    def trainable_parameters(self) -> dict:
+        return self.worker.trainable_parameters()
+
+    def logits(self, input_ids: list[list[int]]):
+        return self.worker.logits(input_ids)
+
+    def save_checkpoint(self, directory: str, client_state: dict) -> None:
+        self.worker.save_checkpoint(directory, client_state)
+
+    def load_checkpoint(self, directory: str) -> dict:
+        return self.worker.load_checkpoint(directory)
+
+
+LearnerActor = ray.remote(LearnerRank)
+
+
 class LearnerGroup:
+    """The learner stage: its ranks started in their bundles, stepped together; the driver sends refs and reads
+    metrics."""
+
     def __init__(
         self,
-        model_path: str,
+        model: ModelSpec | str,
         config: LearnerConfig,
         *,
         total_steps: int,
         seed: int = 0,
         expected_top_k: int | None = None,
         full_teacher: FullTeacherSettings | None = None,
-        tokenizer_path: str | None = None,
-        revision: str | None = None,
-        trust_remote_code: bool = False,
-        actor_options: dict | list[dict] | None = None,
-        timeout_s: float = 1800.0,
+        actor_options: dict | Sequence[dict] | None = None,
+        timeout_s: float = 3600.0,
     ):
         config.validate()
-        self.config, self.timeout_s = config, timeout_s
+        self.model, self.config, self.timeout_s = as_model_spec(model), config, timeout_s
         self.version = 0  # adapter version the learner holds: 0 = base model, +1 per applied step
         self.step_count = 0
-        self.tokenizer = load_tokenizer(tokenizer_path or model_path, revision, trust_remote_code)
-        from transformers import AutoConfig
-
-        vocab_size = AutoConfig.from_pretrained(model_path, revision=revision, trust_remote_code=trust_remote_code).vocab_size
-        self.expected = TableMetadata(model_path, tokenizer_fingerprint(self.tokenizer), int(vocab_size),
-                                      expected_top_k, config.loss.temperature)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.full_teacher = full_teacher or FullTeacherSettings()
-        self.builder = PromptBuilder(self.tokenizer, self.full_teacher.prompt) if config.loss.kind == "full" else None
-
         n = config.num_workers
-        options = actor_options if isinstance(actor_options, list) else [dict(actor_options or {})] * n
+        options = list(actor_options) if isinstance(actor_options, (list, tuple)) else [dict(actor_options or {})] * n
         self.actors = [LearnerActor.options(**options[r]).remote() for r in range(n)]
-        address, port = ray.get(self.actors[0].address.remote(), timeout=timeout_s)
-        kwargs = dict(model_path=model_path, config=config, world_size=n, master_addr=address, master_port=port,
-                      total_steps=total_steps, seed=seed, revision=revision, trust_remote_code=trust_remote_code)
-        ray.get([a.setup.remote(rank=r, **kwargs) for r, a in enumerate(self.actors)], timeout=timeout_s)
+        address, port = get(self.actors[0].address.remote(), timeout_s)
+        setup = RankSetup(self.model, config, n, address, port, total_steps, seed, expected_top_k,
+                          full_teacher or FullTeacherSettings())
+        get([a.setup.remote(r, setup) for r, a in enumerate(self.actors)], timeout_s)
 
-    # ------------------------------------------------------------------------------------------------------------
-    def check(self, table: pa.Table) -> None:
-        """Refuse a table this learner cannot train on (columns, tokenizer, vocabulary, k, temperature)."""
-        kind = self.config.loss.kind
-        check_table(table, "rollouts")
-        if kind != "full" and "teacher_topk_ids" not in table.column_names:
-            raise TableError(f"loss kind {kind!r} needs the teacher's columns: this table has no column "
-                             "'teacher_topk_ids' (was it scored by the teacher?)")
-        found = check_metadata(table, self.expected, check_topk=False)
-        if kind != "full":
-            if found.temperature is None or abs(found.temperature - self.config.loss.temperature) > 1e-9:
-                raise TableError(f"table temperature {found.temperature} differs from learner.loss.temperature "
-                                 f"{self.config.loss.temperature}")
-            if self.expected.top_k is not None and found.top_k != self.expected.top_k:
-                raise TableError(f"table top_k {found.top_k} differs from teacher.top_k {self.expected.top_k}")
-        if kind != "full":
-            check_table(table, "scored")
+    def _refs(self, tables: pa.Table | TableRefs) -> tuple:
+        return (tables if isinstance(tables, TableRefs) else TableRefs.put(tables)).refs
 
-    def train_step(self, table: pa.Table) -> GroupStepMetrics:
+    def train_step(self, tables: pa.Table | TableRefs) -> GroupStepMetrics:
+        """One optimizer step on the step table (refs from the previous stage, or a table in this process)."""
         start = time.perf_counter()
-        self.check(table)
-        kind = self.config.loss.kind
-        bad = non_finite_teacher_rows(table) if kind != "full" else []
-        versions = table.column("policy_version").to_pylist()
-        staleness = [self.version - v for v in versions] or [0]
-        base = dict(step=self.step_count, rows=table.num_rows, staleness_mean=sum(staleness) / len(staleness),
-                    staleness_max=max(staleness))
-        if bad:
-            self.step_count += 1
-            return GroupStepMetrics(loss=float("nan"), gjs=float("nan"), tokens=0, grad_norm=float("nan"), lr=0.0,
-                                    skipped=True, skip_reason=f"non-finite teacher values in {bad[:3]}", **base)
-        micro, global_tokens, skipped_rows = self._micro_batches(table)
-        if global_tokens == 0:
-            self.step_count += 1
-            return GroupStepMetrics(loss=float("nan"), gjs=float("nan"), tokens=0, grad_norm=float("nan"), lr=0.0,
-                                    skipped=True, skip_reason="empty step: no response tokens to train on",
-                                    skipped_rows=skipped_rows, **base)
-        num_micro = max(1, max(len(m) for m in micro))
-        prepare = time.perf_counter() - start
-        results: list[StepMetrics] = ray.get(
-            [a.call.remote("train_step", micro[r], global_tokens, num_micro) for r, a in enumerate(self.actors)],
-            timeout=self.timeout_s,
-        )
-        skipped = any(m.skipped for m in results)
+        refs = self._refs(tables)
+        steps: list[RankStep] = get([a.train_step.remote(self.version, *refs) for a in self.actors], self.timeout_s)
+        first = steps[0]
+        staleness = first.staleness or [0]
+        base = dict(step=self.step_count, rows=first.rows, staleness_mean=sum(staleness) / len(staleness),
+                    staleness_max=max(staleness), skipped_rows=first.skipped_rows)
         self.step_count += 1
+        if first.metrics is None:
+            return GroupStepMetrics(loss=float("nan"), gjs=float("nan"), tokens=0, grad_norm=float("nan"), lr=0.0,
+                                    skipped=True, skip_reason=first.skip_reason, **base)
+        results = [s.metrics for s in steps]
+        skipped = any(m.skipped for m in results)
         if not skipped:
             self.version += 1
         seconds = {phase: max(m.seconds.get(phase, 0.0) for m in results) for phase in ("forward", "backward", "optimizer")}
-        seconds["prepare"] = prepare
+        seconds["prepare"] = max(s.prepare_seconds for s in steps)
         seconds["total"] = time.perf_counter() - start
         return GroupStepMetrics(
             loss=sum(m.loss for m in results),
-            gjs=sum(m.divergence_sum for m in results) / global_tokens,
-            tokens=global_tokens,
+            gjs=sum(m.divergence_sum for m in results) / first.global_tokens,
+            tokens=first.global_tokens,
             grad_norm=results[0].grad_norm,
             lr=results[0].lr,
             skipped=skipped,
             skip_reason=next((m.skip_reason for m in results if m.skipped), ""),
             clipped_tokens=sum(m.clipped_tokens for m in results),
             seconds=seconds,
-            skipped_rows=skipped_rows,
             **base,
         )
 
-    def _micro_batches(self, table: pa.Table):
-        """Per-rank micro-batches of a checked table, the global response-token count, and rows left out."""
-        kind = self.config.loss.kind
-        contexts, skipped_rows = None, {}
-        if kind == "full":
-            plan = build_contexts(self.builder, table.column("problem").to_pylist(),
-                                  table.column("solution").to_pylist(), table.column("response_ids").to_pylist(),
-                                  self.full_teacher.max_context_tokens, self.full_teacher.on_overlength)
-            contexts = [None] * table.num_rows
-            for context in plan.contexts:
-                contexts[context.row] = context
-            skipped_rows = plan.skipped
-        rows = rows_from_table(table, kind, contexts)
-        shards = split_over_ranks(rows, len(self.actors))
-        micro = [pack_micro_batches(shard, self.config.micro_batch_tokens, self.pad_id, kind) for shard in shards]
-        return micro, sum(r.response_length for r in rows), skipped_rows
-
-    def evaluate(self, table: pa.Table) -> float:
-        """Mean GJS per response token of ``table`` under the current adapter (no update): the held-out metric."""
-        self.check(table)
-        micro, tokens, _ = self._micro_batches(table)
-        num_micro = max(1, max(len(m) for m in micro))
-        results = ray.get([a.call.remote("evaluate", micro[r], num_micro) for r, a in enumerate(self.actors)],
-                          timeout=self.timeout_s)
-        return sum(total for total, _ in results) / max(tokens, 1)
+    def evaluate(self, tables: pa.Table | TableRefs) -> float:
+        """Mean GJS per response token of the table under the current adapter (no update): the held-out metric."""
+        refs = self._refs(tables)
+        results = get([a.evaluate.remote(*refs) for a in self.actors], self.timeout_s)
+        return sum(total for total, _ in results) / max(results[0][1], 1)
 
     # ------------------------------------------------------------------------------------------------------------
     def export_adapter(self, version: int | None = None) -> AdapterPayload:
-        payloads = ray.get([a.call.remote("export_adapter", version or self.version) for a in self.actors],
-                           timeout=self.timeout_s)
+        payloads = get([a.export_adapter.remote(version or self.version) for a in self.actors], self.timeout_s)
         return payloads[0]
 
     def logits(self, input_ids: list[list[int]]):
-        return ray.get([a.call.remote("logits", input_ids) for a in self.actors], timeout=self.timeout_s)[0]
+        return get([a.logits.remote(input_ids) for a in self.actors], self.timeout_s)[0]
 
     def trainable_parameters(self) -> dict:
         # Gathering ZeRO-partitioned parameters is a collective: every rank takes part.
-        return ray.get([a.call.remote("trainable_parameters") for a in self.actors], timeout=self.timeout_s)[0]
+        return get([a.trainable_parameters.remote() for a in self.actors], self.timeout_s)[0]
 
     def save_checkpoint(self, directory: str | Path, client_state: dict | None = None) -> Path:
         """Every rank writes into a temporary sibling directory; it is renamed into place once all are done.
@@ -239,7 +271,7 @@ class LearnerGroup:
         any actor."""
         state = {"group_step": self.step_count, "version": self.version, **(client_state or {})}
         with atomic_directory(directory, overwrite=True) as tmp:
-            ray.get([a.call.remote("save_checkpoint", str(tmp), state) for a in self.actors], timeout=self.timeout_s)
+            get([a.save_checkpoint.remote(str(tmp), state) for a in self.actors], self.timeout_s)
             missing = [r for r in range(len(self.actors)) if not rng_state_path(tmp, r).is_file()]
             if missing:  # ranks on other nodes wrote to their own disks: this checkpoint could never be resumed
                 raise RuntimeError(f"checkpoint {directory}: the files of learner ranks {missing} are not visible "
@@ -249,11 +281,10 @@ class LearnerGroup:
         return Path(directory).resolve()
 
     def load_checkpoint(self, directory: str | Path) -> dict:
-        states = ray.get([a.call.remote("load_checkpoint", str(directory)) for a in self.actors], timeout=self.timeout_s)
+        states = get([a.load_checkpoint.remote(str(directory)) for a in self.actors], self.timeout_s)
         self.step_count, self.version = states[0]["group_step"], states[0]["version"]
         return states[0]
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
+        kill_actors(self.actors)
         self.actors = []

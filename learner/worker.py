@@ -1,22 +1,10 @@
-"""One learner rank: a DeepSpeed engine around a PEFT LoRA model, trained on the GJS loss.
+"""One learner rank: a DeepSpeed engine around a PEFT LoRA model, trained on the distillation loss.
 
-    worker = LearnerWorker(model_path, LearnerConfig(), rank=0, world_size=1, master_addr="127.0.0.1",
-                           master_port=free_port(), total_steps=100)
+    worker = LearnerWorker(model, LearnerConfig(), rank=0, world_size=1, total_steps=100)
     metrics = worker.train_step(micro_batches, global_tokens=..., num_micro_batches=...)
-    payload = worker.export_adapter(version=1)
 
-A plain class: ``learner.group.LearnerGroup`` runs one per Ray actor and splits each step's rows over them. The base
-weights are frozen and are the teacher (``disable_adapter()``); only the LoRA tensors train.
-
-Gradient bookkeeping. Each micro-batch's loss is ``sum of its token divergences / global response tokens``, times
-the world size because DeepSpeed averages gradients over ranks; ``backward`` is told not to divide by the number of
-micro-batches. The update is therefore the gradient of the token-level mean over the whole global batch, whatever the
-number of ranks or micro-batches. All ranks run the same number of micro-batches (DeepSpeed's gradient accumulation
-steps are set per step), so collectives line up.
-
-Non-finite steps. ZeRO stages 1-3 discard a step whose gradient norm is not finite (their overflow check); stage 0
-has none, so this worker checks the gradients itself and drops them. Either way the weights, optimizer moments and
-schedule do not move, and the step is reported as skipped.
+A plain class; ``learner.group`` runs one per Ray actor. Gradient bookkeeping and non-finite steps: see
+docs/ARCHITECTURE.md ("The learner").
 """
 
 from __future__ import annotations
@@ -33,11 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learner.batch import MicroBatch
+from learner.batch import MicroBatch, empty_micro_batch
 from learner.config import LearnerConfig
-from learner.loss import FullTeacher, SampledTokenTeacher, TopKTeacher, gjs_loss
+from learner.kinds import FrozenBase
+from learner.loss import gjs_loss
 from learner.schedule import build_scheduler
 from opsd.adapter import AdapterPayload
+from opsd.model import ModelSpec, as_model_spec, resolve_dtype
 
 
 @dataclass
@@ -59,16 +49,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
 class LearnerWorker:
     def __init__(
         self,
-        model_path: str,
+        model: ModelSpec | str,
         config: LearnerConfig,
         *,
         rank: int = 0,
@@ -77,11 +61,11 @@ class LearnerWorker:
         master_port: int | None = None,
         total_steps: int = 1,
         seed: int = 0,
-        revision: str | None = None,
-        trust_remote_code: bool = False,
     ):
+        model_spec = as_model_spec(model)
         self.config = config
-        self.model_path = model_path
+        self.kind = config.loss.loss_kind
+        self.model_path = model_spec.path
         self.rank, self.world_size = rank, world_size
         self.total_steps = total_steps
         self.on_gpu = torch.cuda.is_available()
@@ -98,8 +82,8 @@ class LearnerWorker:
         self.device = f"cuda:{torch.cuda.current_device()}" if self.on_gpu else "cpu"
         self.dtype = resolve_dtype(config.dtype, self.on_gpu)
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, revision=revision, trust_remote_code=trust_remote_code, dtype=self.dtype,
-            use_safetensors=True, attn_implementation="sdpa",
+            model_spec.path, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code,
+            dtype=self.dtype, use_safetensors=True, attn_implementation="sdpa",
         )
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -138,6 +122,15 @@ class LearnerWorker:
     def _lm_head(self) -> torch.nn.Module:
         return self.peft_model.get_base_model().get_output_embeddings()
 
+    def _frozen_base(self) -> FrozenBase:
+        """The base model with the adapter off: the teacher, for kinds that run it here."""
+
+        def hidden(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad(), self.peft_model.disable_adapter():
+                return self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+        return FrozenBase(hidden, self._lm_head())
+
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
         """Full (gathered) fp32 copies of the LoRA tensors, for tests and checks. All ranks must call it."""
         from deepspeed.utils import safe_get_full_fp32_param
@@ -152,38 +145,21 @@ class LearnerWorker:
     # ------------------------------------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[MicroBatch], global_tokens: int, num_micro_batches: int) -> StepMetrics:
         """One optimizer step over this rank's micro-batches (padded to ``num_micro_batches`` with empty ones)."""
-        import deepspeed
-
-        from learner.batch import empty_micro_batch
-
         metrics = StepMetrics(lr=self.scheduler.get_last_lr()[0])
         timings = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         batches = list(micro_batches) + [empty_micro_batch(self.pad_id)] * (num_micro_batches - len(micro_batches))
         self.engine.set_train_batch_size(num_micro_batches * self.world_size)  # accumulation steps = micro-batches
         self.engine.train()
-        loss_kind = self.config.loss
-        lm_head = self._lm_head()
         for i, batch in enumerate(batches):
             batch = batch.to(self.device)
             start = time.perf_counter()
             if batch.num_tokens == 0:
                 # Run the same forwards as a real micro-batch (ZeRO-3 gathers weights in them) with a zero loss, so
                 # this rank's gradient hooks and collectives stay in step with the others.
-                if loss_kind.kind == "full":
-                    with torch.no_grad(), self.peft_model.disable_adapter():
-                        self._decoder()(input_ids=batch.input_ids)
-                hidden = self._decoder()(input_ids=batch.input_ids).last_hidden_state
-                loss = hidden.sum() * 0.0
+                self._idle_forwards(batch)
+                loss = self._decoder()(input_ids=batch.input_ids).last_hidden_state.sum() * 0.0
             else:
-                hidden = self._decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                rows = hidden.last_hidden_state[batch.response_mask]
-                teacher = self._teacher(batch, lm_head)
-                # The fused loss reads lm_head's weight directly, outside the module's forward: under ZeRO-3 it
-                # must be gathered first (read-only: lm_head is frozen under LoRA).
-                with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), enabled=self.config.zero_stage == 3):
-                    out = gjs_loss(rows, lm_head.weight, teacher, kind=loss_kind.kind, beta=loss_kind.beta,
-                                   temperature=loss_kind.temperature, bias=getattr(lm_head, "bias", None),
-                                   normalizer=global_tokens, chunk_size=loss_kind.chunk_size, clip=loss_kind.clip)
+                out = self._loss(batch, normalizer=global_tokens)
                 loss = out.loss
                 metrics.loss += float(out.loss.detach())
                 metrics.divergence_sum += float(out.divergence_sum)
@@ -215,43 +191,40 @@ class LearnerWorker:
     def evaluate(self, micro_batches: list[MicroBatch], num_micro_batches: int) -> tuple[float, int]:
         """Sum of per-token divergences and token count under the current adapter, no update. All ranks must call
         it with the same ``num_micro_batches`` (ZeRO-3 gathers weights in the forwards)."""
-        import deepspeed
-
-        from learner.batch import empty_micro_batch
-
         self.engine.eval()
-        lm_head, loss = self._lm_head(), self.config.loss
         total, tokens = 0.0, 0
         batches = list(micro_batches) + [empty_micro_batch(self.pad_id)] * (num_micro_batches - len(micro_batches))
         for batch in batches:
             batch = batch.to(self.device)
             if batch.num_tokens == 0:
-                if loss.kind == "full":
-                    self._decoder()(input_ids=batch.input_ids)
+                self._idle_forwards(batch)
                 self._decoder()(input_ids=batch.input_ids)
                 continue
-            hidden = self._decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            teacher = self._teacher(batch, lm_head)
-            with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), enabled=self.config.zero_stage == 3):
-                out = gjs_loss(hidden.last_hidden_state[batch.response_mask], lm_head.weight, teacher, kind=loss.kind,
-                               beta=loss.beta, temperature=loss.temperature, bias=getattr(lm_head, "bias", None),
-                               chunk_size=loss.chunk_size)
+            out = self._loss(batch, normalizer=None)
             total += float(out.divergence_sum)
             tokens += out.num_tokens
         return total, tokens
 
-    def _teacher(self, batch: MicroBatch, lm_head: torch.nn.Module):
-        t = batch.teacher
-        kind = self.config.loss.kind
-        if kind in ("topk_tail", "topk_renorm"):
-            return TopKTeacher(t["ids"], t["logprobs"], t["tail_logprob"])
-        if kind == "sampled_token":
-            return SampledTokenTeacher(t["token_ids"], t["logprob"])
-        # Full vocabulary: the frozen base (adapter off) on the teacher's context, in-process.
-        with torch.no_grad(), self.peft_model.disable_adapter():
-            hidden = self._decoder()(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
-        # The parameters themselves, not detached copies: under ZeRO-3 they are filled in when gathered for the loss.
-        return FullTeacher(hidden=hidden[t["response_mask"]], weight=lm_head.weight, bias=getattr(lm_head, "bias", None))
+    def _loss(self, batch: MicroBatch, normalizer: float | None):
+        """The student's forward on ``batch`` and the fused loss against the batch's teacher."""
+        import deepspeed
+
+        loss = self.config.loss
+        hidden = self._decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        frozen = self._frozen_base()
+        teacher = self.kind.loss_teacher(batch.teacher, frozen)
+        lm_head = frozen.lm_head
+        # The fused loss reads lm_head's weight directly, outside the module's forward: under ZeRO-3 it must be
+        # gathered first (read-only: lm_head is frozen under LoRA).
+        with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), enabled=self.config.zero_stage == 3):
+            return gjs_loss(hidden[batch.response_mask], lm_head.weight, teacher, kind=self.kind.name,
+                            beta=loss.beta, temperature=loss.tau, bias=getattr(lm_head, "bias", None),
+                            normalizer=normalizer, chunk_size=loss.chunk_size, clip=loss.clip)
+
+    def _idle_forwards(self, batch: MicroBatch) -> None:
+        """The teacher forward an empty micro-batch stands in for (kinds that run the frozen base here)."""
+        if self.kind.runs_frozen_base:
+            self._frozen_base().hidden(batch.input_ids, batch.attention_mask)
 
     def _check_gradients_zero0(self, metrics: StepMetrics) -> None:
         """ZeRO-0 has no overflow check and reports no norm: compute the global gradient norm here, and if it is not

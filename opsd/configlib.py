@@ -9,7 +9,9 @@ reference is generated from it with :func:`describe`). Loading goes
 runs each section's optional ``validate()`` method, nested sections first. Every error is a :class:`ConfigError`
 that names the full dotted key, so a user can fix the YAML line or the override that caused it.
 
-Sections report range and cross-field errors with keys relative to themselves::
+A section may list keys of earlier versions in a ``RETIRED_KEYS`` class attribute (``{old key: what replaced it}``)
+so that an old config fails with the way forward. Sections report range and cross-field errors with keys relative
+to themselves::
 
     def validate(self) -> None:
         check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
@@ -315,6 +317,9 @@ def _build(cls: type, data: Any, path: str, root: type, root_path: str) -> Any:
             raise ConfigError(path, f"keys must be strings, got {_show(key)}")
         if key not in fields:
             full = _join(path, key)
+            retired = getattr(cls, "RETIRED_KEYS", {}).get(key)
+            if retired:  # a key of an earlier version: say what replaced it
+                raise ConfigError(full, f"is no longer a key: {retired}")
             raise ConfigError(full, f"unknown key{_suggest(key, full, list(fields), root, root_path)}")
     hints = _hints(cls)
     kwargs = {}

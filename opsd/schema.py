@@ -1,4 +1,4 @@
-"""The Arrow table that flows between stages: one row per sample, one table per step (DESIGN.md, "The contract").
+"""The Arrow table that flows between stages: one row per sample, one table per step (docs/ARCHITECTURE.md, "The step table").
 
     orchestrator -> rollout:   sample_id, problem, solution, answer
     rollout adds:              prompt_ids, response_ids, response_logprobs, finish_reason, policy_version
@@ -12,6 +12,7 @@ with :func:`check_table` before any work, and refuses a table whose tokenizer, k
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -64,9 +65,20 @@ class TableMetadata:
     temperature: float | None = None
 
 
+_SAMPLE_ID_RE = re.compile(r"^(?P<row>.+)@e(?P<epoch>\d+)r(?P<rollout>\d+)$")
+
+
 def sample_id(row_id: str, epoch: int, rollout: int) -> str:
     """Stable id of one sample: dataset row, epoch, rollout index."""
     return f"{row_id}@e{epoch}r{rollout}"
+
+
+def parse_sample_id(value: str) -> tuple[str, int, int] | None:
+    """``(row, epoch, rollout)`` of an id made by :func:`sample_id`; None for any other string."""
+    match = _SAMPLE_ID_RE.match(value)
+    if match is None:
+        return None
+    return match["row"], int(match["epoch"]), int(match["rollout"])
 
 
 def with_metadata(table: pa.Table, metadata: TableMetadata) -> pa.Table:

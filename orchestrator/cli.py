@@ -124,7 +124,7 @@ def _int_list(text: str | None, flag: str) -> list[int]:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from opsd.errors import UserInputError
-    from orchestrator.evaluation.report import compare_runs
+    from evaluation.report import compare_runs
 
     if args.compare:
         print(compare_runs(*args.compare), end="")
@@ -133,11 +133,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserInputError("opsd eval needs --model (an HF id or a model directory), or --compare RUN_A RUN_B")
     import time
 
+    from evaluation.benchmarks import parse_columns
+    from evaluation.config import EvalConfig
+    from opsd.model import ModelSpec
     from opsd.prompts import PromptConfig
-    from orchestrator.evaluation.benchmarks import parse_columns
-    from orchestrator.evaluation.config import EvalConfig
-    from orchestrator.evaluation.run import EvalRun, evaluate
-    from rollout.resources import ModelSpec
+    from orchestrator.evaluate import EvalRun, evaluate
 
     config = EvalConfig(
         benchmarks=[b.strip() for b in args.bench.split(",") if b.strip()], mapping=args.mapping,
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
-    from orchestrator.evaluation.config import EvalConfig
+    from evaluation.config import EvalConfig
 
     d = EvalConfig()
     ev = commands.add_parser(

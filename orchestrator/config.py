@@ -10,49 +10,18 @@ Each component's own section lives with the component (``rollout.config``, ``tea
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Iterable, Literal
 
 from learner.config import LearnerConfig
 from opsd.configlib import ConfigError, apply_overrides, check, from_dict, load_yaml, save_yaml, to_dict
+from opsd.model import ModelSpec
 from opsd.prompts import PromptConfig
-from orchestrator.evaluation.config import EvalConfig
+from evaluation.config import EvalConfig
 from rollout.config import RolloutConfig
 from teacher.config import TeacherConfig
 
 DATA_COLUMNS = ("problem", "solution", "answer", "id")
-
-
-@dataclass
-class ModelConfig:
-    """The model that is both student (plus LoRA) and frozen teacher."""
-
-    path: str = field(
-        default="Qwen/Qwen3-1.7B", metadata={"doc": "Hugging Face model id or local directory of the base model."}
-    )
-    tokenizer: str | None = field(
-        default=None, metadata={"doc": "Tokenizer id or directory. None: the same as path."}
-    )
-    revision: str | None = field(
-        default=None,
-        metadata={"doc": "Hub revision (branch, tag or commit) of path and tokenizer. None: the default branch."},
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={
-            "doc": "Run Python code shipped with the model repository. Off unless you turn it on for a model you trust."
-        },
-    )
-    dtype: Literal["auto", "float32", "bfloat16"] = field(
-        default="auto",
-        metadata={
-            "doc": "Weight dtype of the rollout engines (vLLM). 'auto': bfloat16 on GPU, float32 on CPU. "
-            "teacher.dtype and learner.dtype set the other stages."
-        },
-    )
-
-    def validate(self) -> None:
-        check(bool(self.path.strip()), "path", "must name a Hugging Face model id or a local directory")
 
 
 @dataclass
@@ -85,7 +54,10 @@ class DataConfig:
         },
     )
     limit: int | None = field(default=None, metadata={"doc": "Use only the first N rows (>= 1). None: all rows."})
-    shuffle_seed: int = field(default=0, metadata={"doc": "Seed of the per-epoch shuffle of the rows."})
+
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "shuffle_seed": "the per-epoch shuffle is seeded by train.seed",
+    }
 
     def validate(self) -> None:
         check(
@@ -123,17 +95,18 @@ class TrainConfig:
             "1 overlaps the rollouts of step n+1 with the learning of step n."
         },
     )
-    eval_every: int = field(
+    heldout_rows: int = field(
+        default=0,
+        metadata={"doc": "Problems held out of training (the data's last rows): their traces, sampled once from the "
+                  "initial model and scored once, give the held-out GJS. 0: no held-out GJS."},
+    )
+    heldout_every: int = field(
         default=0, metadata={"doc": "Held-out GJS every N steps (and always before and after training). 0: only "
                              "before and after."}
     )
-    eval_rows: int = field(
-        default=0,
-        metadata={"doc": "Problems held out of training (the data's last rows): their traces, sampled once from the "
-                  "initial model and scored once, give the held-out GJS. 0: no held-out evaluation."},
-    )
     checkpoint_every: int = field(default=0, metadata={"doc": "Write a checkpoint every N steps. 0: off."})
-    seed: int = field(default=0, metadata={"doc": "Seed of the learner and of everything not seeded elsewhere."})
+    seed: int = field(default=0, metadata={"doc": "Seed of the per-epoch shuffle of the data, the learner's LoRA "
+                                            "initialisation, and everything not seeded elsewhere."})
     run_dir: str = field(
         default="runs/opsd", metadata={"doc": "Directory for the config used, metrics, adapters and checkpoints."}
     )
@@ -143,14 +116,26 @@ class TrainConfig:
                   "directory. The learner state, the data cursor and the step count are restored; the rollout "
                   "workers get the checkpoint's adapter. None: start from the base model."},
     )
+    stage_timeout_s: float = field(
+        default=3600.0,
+        metadata={"doc": "Longest wait for one call on a stage's actors: an engine or model start, a shard's "
+                  "rollouts, a teacher scoring, a learner step, an adapter load. A rollout or teacher actor that "
+                  "does not answer in time is replaced and its shard sent again."},
+    )
+
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "eval_rows": "renamed train.heldout_rows (benchmark evaluation is the eval section)",
+        "eval_every": "renamed train.heldout_every (benchmark evaluation is the eval section)",
+    }
 
     def validate(self) -> None:
         check(self.steps is None or self.steps >= 1, "steps", f"must be >= 1 or null, got {self.steps}")
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         check(self.max_staleness in (0, 1), "max_staleness", f"must be 0 or 1, got {self.max_staleness}")
-        check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0 is off), got {self.eval_every}")
-        check(self.eval_rows >= 0, "eval_rows", f"must be >= 0 (0 is off), got {self.eval_rows}")
+        check(self.heldout_every >= 0, "heldout_every", f"must be >= 0 (0 is off), got {self.heldout_every}")
+        check(self.heldout_rows >= 0, "heldout_rows", f"must be >= 0 (0 is off), got {self.heldout_rows}")
+        check(self.stage_timeout_s > 0, "stage_timeout_s", f"must be > 0, got {self.stage_timeout_s}")
         check(
             self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0 (0 is off), got {self.checkpoint_every}"
         )
@@ -179,7 +164,8 @@ class PlacementConfig:
     placement_timeout_s: float = field(
         default=600.0,
         metadata={
-            "doc": "Seconds to wait for the placement groups (time for the autoscaler to add nodes) before failing."
+            "doc": "Seconds to wait for the placement groups (time for the autoscaler to add nodes) before failing. "
+            "Calls on the actors are bounded by train.stage_timeout_s."
         },
     )
     autoscaling: bool = field(
@@ -209,7 +195,7 @@ class PlacementConfig:
 class OPSDConfig:
     """One OPSD run."""
 
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Base model."})
+    model: ModelSpec = field(default_factory=ModelSpec, metadata={"doc": "Base model."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Training data."})
     prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"doc": "Student and teacher prompts."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": "Student sampling (vLLM)."})
@@ -221,14 +207,16 @@ class OPSDConfig:
 
     def validate(self) -> None:
         # Sections have validated themselves; only rules that span sections belong here (keys are absolute).
-        serves_lora = self.rollout.adapter_serving == "lora" or (
-            self.rollout.adapter_serving == "auto" and self.rollout.gpus_per_worker > 0)
-        if serves_lora:
-            check(
-                self.learner.lora.rank <= self.rollout.max_lora_rank,
-                "learner.lora.rank",
-                f"{self.learner.lora.rank} is above rollout.max_lora_rank ({self.rollout.max_lora_rank}): the vLLM "
-                "engines would refuse every adapter the learner exports; raise rollout.max_lora_rank or lower the rank",
+        loss = self.learner.loss
+        sampled_at = self.rollout.temperature if self.rollout.temperature > 0 else 1.0
+        if loss.temperature is None:  # derived: the loss sees the distribution the traces were sampled from
+            loss.temperature = sampled_at
+        elif abs(loss.temperature - sampled_at) > 1e-12 and not loss.allow_temperature_mismatch:
+            raise ConfigError(
+                "learner.loss.temperature",
+                f"{loss.temperature} differs from rollout.temperature ({self.rollout.temperature}): the loss would "
+                "compare distributions the traces were not sampled from. Leave it unset (it follows "
+                "rollout.temperature) or set learner.loss.allow_temperature_mismatch=true",
             )
         if self.teacher.max_context_tokens is not None:
             check(
@@ -237,6 +225,33 @@ class OPSDConfig:
                 f"must be > rollout.max_response_tokens ({self.rollout.max_response_tokens}): the teacher context "
                 f"holds the prompt, the solution and a full-length response; got {self.teacher.max_context_tokens}",
             )
+
+
+# Keys of the teacher section that only the teacher actors read (the rest shape the teacher context, which the
+# learner builds too).
+TEACHER_ACTOR_KEYS = ("num_workers", "gpus_per_worker", "top_k", "token_budget", "logits_chunk", "dtype")
+CPU_ONLY_ROLLOUT_KEYS = ("cpu_kv_cache_gib", "cpu_threads_per_worker")
+GPU_ONLY_ROLLOUT_KEYS = ("gpu_memory_utilization", "tensor_parallel_size")
+
+
+def ineffective_keys(cfg: OPSDConfig, on_cpu: bool) -> list[str]:
+    """Keys set to a non-default value that do nothing in this run (the loss kind runs no teacher actors; CPU-only
+    settings on GPU and the reverse), each with why: the driver prints them as warnings."""
+    notes = []
+    if not cfg.learner.loss.loss_kind.needs_teacher_stage:
+        notes += [f"teacher.{key} has no effect: learner.loss.kind={cfg.learner.loss.kind} runs no teacher actors "
+                  "(the learner scores with its own frozen base)" for key in _changed(cfg.teacher, TEACHER_ACTOR_KEYS)]
+    if on_cpu:
+        notes += [f"rollout.{key} has no effect on CPU engines" for key in _changed(cfg.rollout, GPU_ONLY_ROLLOUT_KEYS)]
+    else:
+        notes += [f"rollout.{key} has no effect on GPU engines" for key in _changed(cfg.rollout, CPU_ONLY_ROLLOUT_KEYS)]
+    return notes
+
+
+def _changed(section, keys: Iterable[str]) -> list[str]:
+    defaults = type(section)()
+    by_name = {f.name for f in fields(section)}
+    return [k for k in keys if k in by_name and getattr(section, k) != getattr(defaults, k)]
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()) -> OPSDConfig:

@@ -140,15 +140,21 @@ class ResourcePlan:
     @classmethod
     def from_config(cls, cfg: OPSDConfig, cluster: ClusterView | None = None, *,
                     node_cores: int | None = None) -> ResourcePlan:
-        """The plan for ``cfg``. ``cluster`` is needed only to resolve ``placement.mode=auto`` when a stage asks
+        """The plan for a training run's config (see :meth:`for_request`)."""
+        return cls.for_request(PlanRequest.from_config(cfg), cluster, node_cores=node_cores)
+
+    @classmethod
+    def for_request(cls, req: PlanRequest, cluster: ClusterView | None = None, *,
+                    node_cores: int | None = None) -> ResourcePlan:
+        """The plan for ``req``. ``cluster`` is needed only to resolve ``placement.mode=auto`` when a stage asks
         for GPUs; ``node_cores``: usable cores of a node for CPU engines (default: this process's CPU affinity).
-        Raises ``ConfigError`` (naming the key) for a config no cluster could place."""
-        mode, reason, notes = _resolve_mode(cfg, cluster)
+        Raises ``ConfigError`` (naming the key) for a request no cluster could place."""
+        mode, reason, notes = _resolve_mode(req, cluster)
         if mode == "cpu":
-            return _cpu_plan(cfg, reason, notes, node_cores if node_cores is not None else _usable_cores())
+            return _cpu_plan(req, reason, notes, node_cores if node_cores is not None else _usable_cores())
         if mode == "colocate":
-            return _colocate_plan(cfg, reason)
-        return _split_plan(cfg, reason)
+            return _colocate_plan(req, reason)
+        return _split_plan(req, reason)
 
     # -- queries ----------------------------------------------------------------------------------------------
     @property
@@ -202,12 +208,42 @@ class ResourcePlan:
         return "\n".join(lines)
 
 
-def _resolve_mode(cfg: OPSDConfig, cluster: ClusterView | None) -> tuple[Mode, str, tuple[str, ...]]:
-    mode = cfg.placement.mode
+@dataclass(frozen=True)
+class PoolRequest:
+    """What one stage asks for: ``count`` actors of ``gpus_per_worker`` GPUs each."""
+
+    stage: Stage
+    count: int
+    gpus_per_worker: float
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """The pools a job needs and how they may share the cluster (``placement.mode``). A training run asks for its
+    three stages (no teacher when the loss kind runs the teacher in the learner); ``opsd eval`` for rollout only."""
+
+    pools: tuple[PoolRequest, ...]
+    mode: Literal["auto", "split", "colocate", "cpu"] = "auto"
+    autoscaling: bool = False
+    tensor_parallel_size: int = 1  # of a rollout engine
+    cpu_threads_per_worker: int | None = None  # cores a CPU rollout engine binds (None: an even split)
+
+    @classmethod
+    def from_config(cls, cfg: OPSDConfig) -> PlanRequest:
+        pools = [PoolRequest("rollout", cfg.rollout.num_workers, cfg.rollout.gpus_per_worker)]
+        if cfg.learner.loss.loss_kind.needs_teacher_stage:
+            pools.append(PoolRequest("teacher", cfg.teacher.num_workers, cfg.teacher.gpus_per_worker))
+        pools.append(PoolRequest("learner", cfg.learner.num_workers, cfg.learner.gpus_per_worker))
+        return cls(tuple(pools), cfg.placement.mode, cfg.placement.autoscaling, cfg.rollout.tensor_parallel_size,
+                   cfg.rollout.cpu_threads_per_worker)
+
+
+def _resolve_mode(req: PlanRequest, cluster: ClusterView | None) -> tuple[Mode, str, tuple[str, ...]]:
+    mode = req.mode
     if mode != "auto":
         reason = f"placement.mode={mode}"
-        return mode, reason, _unused_gpu_notes(cfg, reason) if mode == "cpu" else ()
-    asked = {stage: gpus for stage, gpus in _stage_gpus(cfg).items() if gpus > 0}
+        return mode, reason, _unused_gpu_notes(req, reason) if mode == "cpu" else ()
+    asked = {stage: gpus for stage, gpus in _stage_gpus(req).items() if gpus > 0}
     if not asked:
         return "cpu", "placement.mode=auto: no stage asks for GPUs", ()
     if cluster is None:
@@ -215,43 +251,31 @@ def _resolve_mode(cfg: OPSDConfig, cluster: ClusterView | None) -> tuple[Mode, s
     gpus = cluster.total("GPU")
     if gpus > 0:
         return "split", f"placement.mode=auto: the cluster has {_fmt(gpus)} GPU", ()
-    if cfg.placement.autoscaling:
+    if req.autoscaling:
         return "split", "placement.mode=auto: no GPU yet; placement.autoscaling is on, so GPU nodes are requested", ()
     reason = "placement.mode=auto: the cluster has no GPU and placement.autoscaling is off"
-    return "cpu", reason, _unused_gpu_notes(cfg, reason)
+    return "cpu", reason, _unused_gpu_notes(req, reason)
 
 
-def _stage_gpus(cfg: OPSDConfig) -> dict[Stage, float]:
-    gpus: dict[Stage, float] = {"rollout": cfg.rollout.gpus_per_worker}
-    if _has_teacher(cfg):
-        gpus["teacher"] = cfg.teacher.gpus_per_worker
-    gpus["learner"] = cfg.learner.gpus_per_worker
-    return gpus
+def _stage_gpus(req: PlanRequest) -> dict[Stage, float]:
+    return {pool.stage: pool.gpus_per_worker for pool in req.pools}
 
 
-def _unused_gpu_notes(cfg: OPSDConfig, reason: str) -> tuple[str, ...]:
+def _unused_gpu_notes(req: PlanRequest, reason: str) -> tuple[str, ...]:
     return tuple(f"{stage}.gpus_per_worker={_fmt(gpus)} is not used ({reason})"
-                 for stage, gpus in _stage_gpus(cfg).items() if gpus > 0)
+                 for stage, gpus in _stage_gpus(req).items() if gpus > 0)
 
 
-def _has_teacher(cfg: OPSDConfig) -> bool:
-    return cfg.learner.loss.kind != "full"
+def _stage_sizes(req: PlanRequest) -> dict[Stage, int]:
+    return {pool.stage: pool.count for pool in req.pools}
 
 
-def _stage_sizes(cfg: OPSDConfig) -> dict[Stage, int]:
-    sizes: dict[Stage, int] = {"rollout": cfg.rollout.num_workers}
-    if _has_teacher(cfg):
-        sizes["teacher"] = cfg.teacher.num_workers
-    sizes["learner"] = cfg.learner.num_workers
-    return sizes
-
-
-def _split_plan(cfg: OPSDConfig, reason: str) -> ResourcePlan:
+def _split_plan(req: PlanRequest, reason: str) -> ResourcePlan:
     groups: list[GroupPlan] = []
     slots: list[ActorSlot] = []
-    tp = cfg.rollout.tensor_parallel_size
-    for stage, count in _stage_sizes(cfg).items():
-        gpus = _stage_gpus(cfg)[stage]
+    tp = req.tensor_parallel_size
+    for stage, count in _stage_sizes(req).items():
+        gpus = _stage_gpus(req)[stage]
         key = f"{stage}.gpus_per_worker"
         if gpus <= 0:
             raise ConfigError(key, f"must be > 0 with placement.mode=split (each stage gets its own GPUs), got "
@@ -275,12 +299,12 @@ def _split_plan(cfg: OPSDConfig, reason: str) -> ResourcePlan:
     return ResourcePlan("split", reason, tuple(groups), tuple(slots))
 
 
-def _colocate_plan(cfg: OPSDConfig, reason: str) -> ResourcePlan:
-    tp = cfg.rollout.tensor_parallel_size
+def _colocate_plan(req: PlanRequest, reason: str) -> ResourcePlan:
+    tp = req.tensor_parallel_size
     if tp != 1:
         raise ConfigError("rollout.tensor_parallel_size", f"must be 1 with placement.mode=colocate (one GPU), got {tp}")
-    sizes, gpus = _stage_sizes(cfg), _stage_gpus(cfg)
-    if sizes["learner"] > 1:
+    sizes, gpus = _stage_sizes(req), _stage_gpus(req)
+    if sizes.get("learner", 0) > 1:
         raise ConfigError("learner.num_workers", f"must be 1 with placement.mode=colocate: NCCL cannot run two ranks "
                           f"on one GPU; got {sizes['learner']}")
     for stage, fraction in gpus.items():
@@ -302,17 +326,17 @@ def _colocate_plan(cfg: OPSDConfig, reason: str) -> ResourcePlan:
     return ResourcePlan("colocate", reason, (group,), tuple(slots))
 
 
-def _cpu_plan(cfg: OPSDConfig, reason: str, notes: tuple[str, ...], node_cores: int) -> ResourcePlan:
-    tp = cfg.rollout.tensor_parallel_size
+def _cpu_plan(req: PlanRequest, reason: str, notes: tuple[str, ...], node_cores: int) -> ResourcePlan:
+    tp = req.tensor_parallel_size
     if tp != 1:
         raise ConfigError("rollout.tensor_parallel_size", f"must be 1 on CPU (one in-process engine per worker), "
                           f"got {tp}")
     groups: list[GroupPlan] = []
     slots: list[ActorSlot] = []
-    for stage, count in _stage_sizes(cfg).items():
+    for stage, count in _stage_sizes(req).items():
         cpus: list[float] = [1.0] * count
         if stage == "rollout":  # as many CPUs as the cores each engine binds to (and the same validation)
-            cpus = [float(len(cpu_cores_for(i, count, cfg.rollout.cpu_threads_per_worker, range(node_cores))))
+            cpus = [float(len(cpu_cores_for(i, count, req.cpu_threads_per_worker, range(node_cores))))
                     for i in range(count)]
         for index in range(count):
             slots.append(ActorSlot(stage, index, group=len(groups), bundle=index, num_gpus=0, num_cpus=cpus[index]))
@@ -581,3 +605,11 @@ def _describe_bundles(bundles: Sequence[Bundle]) -> str:
         else:
             runs.append((b, 1))
     return " + ".join(f"{n} x {b}" for b, n in runs)
+
+
+def logical_cpus(cfg: OPSDConfig) -> int:
+    """CPUs an embedded cluster declares. On CPU the stages run one after another and time-share the cores, so each
+    actor gets its own logical CPUs and the declared total may exceed the physical cores."""
+    cores = os.cpu_count() or 1
+    actors = sum(pool.count for pool in PlanRequest.from_config(cfg).pools if pool.stage != "rollout")
+    return max(cores, cores + actors)

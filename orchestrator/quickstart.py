@@ -43,7 +43,7 @@ def run_quickstart(config_path: str | None = None, overrides: Sequence[str] = ()
     cfg = load_config(recipe, [f"model.path={model_dir}", *overrides])
     print(f"[2/3] config: {recipe} (loss {cfg.learner.loss.kind}, {cfg.train.steps} steps of "
           f"{cfg.train.prompts_per_step} prompts, {cfg.rollout.max_response_tokens} response tokens, "
-          f"{cfg.train.eval_rows} held-out problems)")
+          f"{cfg.train.heldout_rows} held-out problems)")
     print("[3/3] training on an embedded Ray (vLLM rollouts -> teacher -> DeepSpeed learner -> adapter push):")
     start = time.perf_counter()
     run_dir = train(cfg)

@@ -1,175 +1,76 @@
-"""The stage actors of a run, and the calls the training loop makes on them.
+"""The stage pools of a training run, started in the resource plan's bundles, and stopped together.
 
-    stages = start_stages(cfg, total_steps)
-    batch = stages.launch_rollouts(problems)          # shards in flight on the rollout workers (object refs)
-    rollouts = stages.collect_rollouts(batch)         # merged in the batch's order; dead workers replaced
-    scored, skipped, tokens = stages.score(rollouts)  # teacher columns, sharded over the teacher actors
-    metrics = stages.learner.train_step(scored)
-    stages.push_adapter(stages.learner.export_adapter())
-
-A rollout or teacher actor that dies mid-step is replaced by a fresh one (the rollout worker gets the adapter
-version the others serve) and its shard is sent again (:mod:`orchestrator.recovery`), so every row is trained on
-exactly once. A learner rank that dies ends the run: its optimizer state is gone, and the run resumes from its last
-checkpoint (``train.resume=latest``).
+    stages = Stages.start(cfg, total_steps)
+    rollouts = stages.rollout.collect(stages.rollout.launch(problems))
+    scored = stages.score(rollouts)
+    metrics = stages.learner.train_step(scored.tables)
+    stages.rollout.load_adapter(stages.learner.export_adapter())
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
-import pyarrow as pa
-import ray
-
 from learner.group import FullTeacherSettings, LearnerGroup
-from opsd.adapter import AdapterPayload
+from opsd.lora import engine_lora_rank
 from orchestrator.config import OPSDConfig
 from orchestrator.placement import ClusterView, Reservation, ResourcePlan, reserve
-from orchestrator.recovery import gather_shards
-from rollout.actor import RolloutActor, actor_options, stop_rollout_actors
-from rollout.resources import ModelSpec
-from rollout.sharding import merge_tables, shard_rows
-from teacher.actor import TeacherActor
-
-# A shard whose worker dies is sent to a fresh worker at most this many times per step.
-MAX_SHARD_RETRIES = 2
-
-
-@dataclass
-class InFlight:
-    """One step's problems, sharded over the rollout workers, generating."""
-
-    shards: list[pa.Table]
-    refs: list[ray.ObjectRef]
-
-    @property
-    def num_rows(self) -> int:
-        return sum(s.num_rows for s in self.shards)
+from rollout.pool import RolloutPool, Rollouts
+from teacher.pool import Scored, TeacherPool
 
 
 @dataclass
 class Stages:
-    cfg: OPSDConfig
-    rollout: list
-    teachers: list
+    rollout: RolloutPool
+    teacher: TeacherPool | None  # None when the loss kind runs the teacher inside the learner
     learner: LearnerGroup
     reservation: Reservation
-    log: Callable[[str], None] = print
-    adapter: tuple[int, ray.ObjectRef] | None = None  # the version every rollout worker serves (None: base model)
-    replaced: dict[str, int] = field(default_factory=lambda: {"rollout": 0, "teacher": 0})
+
+    @classmethod
+    def start(cls, cfg: OPSDConfig, total_steps: int, log: Callable[[str], None] = print) -> Stages:
+        """Reserve the plan's placement groups (bounded by ``placement.placement_timeout_s``), then start every
+        pool's actors in their bundles (each call bounded by ``train.stage_timeout_s``)."""
+        plan = ResourcePlan.from_config(cfg, ClusterView.current())
+        log(plan.describe())
+        reservation = reserve(plan, timeout_s=cfg.placement.placement_timeout_s,
+                              autoscaling=cfg.placement.autoscaling, log=log)
+        timeout = cfg.train.stage_timeout_s
+        try:
+            rollout = RolloutPool(cfg.model, cfg.rollout, cfg.prompt, actor_options=reservation.stage_options("rollout"),
+                                  max_lora_rank=engine_lora_rank(cfg.learner.lora.rank), call_timeout_s=timeout,
+                                  log=log)
+            teacher = None
+            if plan.num_actors("teacher"):
+                teacher = TeacherPool(cfg.model, cfg.teacher, cfg.prompt, temperature=cfg.learner.loss.tau,
+                                      actor_options=reservation.stage_options("teacher"),
+                                      device="cpu" if plan.on_cpu else None, call_timeout_s=timeout, log=log)
+            learner = LearnerGroup(
+                cfg.model, cfg.learner, total_steps=total_steps, seed=cfg.train.seed, expected_top_k=cfg.teacher.top_k,
+                full_teacher=FullTeacherSettings(cfg.prompt, cfg.teacher.max_context_tokens or 32_768,
+                                                 cfg.teacher.on_overlength),
+                actor_options=reservation.stage_options("learner"), timeout_s=timeout,
+            )
+        except BaseException:
+            reservation.release()  # removing the placement groups kills every actor placed in them
+            raise
+        return cls(rollout, teacher, learner, reservation)
+
+    def score(self, rollouts: Rollouts) -> Scored:
+        """The teacher's columns for the rollouts, or the rollouts as they are when the learner is the teacher."""
+        if self.teacher is None:
+            return Scored(rollouts.tables, {}, 0)
+        return self.teacher.score(rollouts.tables)
 
     @property
-    def timeout_s(self) -> float:
-        return self.cfg.placement.placement_timeout_s
-
-    # -- rollout ---------------------------------------------------------------------------------------------------
-    def launch_rollouts(self, problems: pa.Table) -> InFlight:
-        shards = shard_rows(problems, len(self.rollout))
-        return InFlight(shards, [actor.generate.remote(s) for actor, s in zip(self.rollout, shards)])
-
-    def collect_rollouts(self, batch: InFlight) -> pa.Table:
-        def redo(i: int) -> ray.ObjectRef:
-            self.rollout[i] = self._fresh_rollout_worker(i)
-            return self.rollout[i].generate.remote(batch.shards[i])
-
-        return merge_tables(gather_shards(batch.refs, redo, timeout_s=self.timeout_s, max_retries=MAX_SHARD_RETRIES,
-                                          what="rollout", log=self.log))
-
-    def push_adapter(self, payload: AdapterPayload) -> None:
-        """Load ``payload`` on every rollout worker (one ``ray.put``; every worker reads the same object)."""
-        ref = ray.put(payload)
-        ray.get([actor.load_adapter.remote(payload.version, ref) for actor in self.rollout], timeout=self.timeout_s)
-        self.adapter = (payload.version, ref)
-
-    def _fresh_rollout_worker(self, index: int):
-        ray.kill(self.rollout[index], no_restart=True)
-        actor = new_rollout_worker(self.cfg, index, self.reservation)
-        ray.get(actor.info.remote(), timeout=self.timeout_s)
-        if self.adapter is not None:
-            ray.get(actor.load_adapter.remote(*self.adapter), timeout=self.timeout_s)
-        self.replaced["rollout"] += 1
-        return actor
-
-    # -- teacher ---------------------------------------------------------------------------------------------------
-    def score(self, rollouts: pa.Table) -> tuple[pa.Table, dict[str, int], int]:
-        """Teacher columns for every row (sharded over the teacher actors); rows the teacher skips are counted."""
-        if not self.teachers:
-            return rollouts, {}, 0
-        shards = [s for s in shard_rows(rollouts, len(self.teachers)) if s.num_rows]
-
-        def redo(i: int) -> ray.ObjectRef:
-            ray.kill(self.teachers[i], no_restart=True)
-            self.teachers[i] = new_teacher(self.cfg, i, self.reservation)
-            self.replaced["teacher"] += 1
-            return self.teachers[i].score.remote(shards[i])
-
-        results = gather_shards([t.score.remote(s) for t, s in zip(self.teachers, shards)], redo,
-                                timeout_s=self.timeout_s, max_retries=MAX_SHARD_RETRIES, what="teacher", log=self.log)
-        skipped: dict[str, int] = {}
-        for r in results:
-            for reason, count in r.skipped.items():
-                skipped[reason] = skipped.get(reason, 0) + count
-        return merge_tables([r.table for r in results]), skipped, sum(r.tokens for r in results)
+    def replaced(self) -> int:
+        return self.rollout.replaced + (self.teacher.replaced if self.teacher is not None else 0)
 
     def shutdown(self) -> None:
         try:
             self.learner.shutdown()
-            stop_rollout_actors(self.rollout)
-            for actor in self.teachers:
-                ray.kill(actor)
+            self.rollout.shutdown()
+            if self.teacher is not None:
+                self.teacher.shutdown()
         finally:
             self.reservation.release()
-
-
-def logical_cpus(cfg: OPSDConfig) -> int:
-    """CPUs an embedded cluster declares. On CPU the stages run one after another and time-share the cores, so each
-    actor gets its own logical CPUs and the declared total may exceed the physical cores."""
-    cores = os.cpu_count() or 1
-    teachers = cfg.teacher.num_workers if cfg.learner.loss.kind != "full" else 0
-    return max(cores, cores + teachers + cfg.learner.num_workers)
-
-
-def model_spec(cfg: OPSDConfig) -> ModelSpec:
-    m = cfg.model
-    return ModelSpec(m.path, m.tokenizer, m.revision, m.trust_remote_code, m.dtype)
-
-
-def new_rollout_worker(cfg: OPSDConfig, index: int, reservation: Reservation):
-    """Rollout worker ``index`` in its bundle of the reservation (its engine starting; wait on ``info``)."""
-    options = {**actor_options(cfg.rollout), **reservation.options_for("rollout", index)}
-    return RolloutActor.options(**options).remote(model_spec(cfg), cfg.rollout, cfg.prompt, worker_index=index)
-
-
-def new_teacher(cfg: OPSDConfig, index: int, reservation: Reservation):
-    m = cfg.model
-    return TeacherActor.options(**reservation.options_for("teacher", index)).remote(
-        m.path, cfg.teacher, temperature=cfg.learner.loss.temperature, prompt=cfg.prompt, tokenizer_path=m.tokenizer,
-        revision=m.revision, trust_remote_code=m.trust_remote_code,
-        device="cpu" if reservation.plan.on_cpu else None)
-
-
-def start_stages(cfg: OPSDConfig, total_steps: int, log: Callable[[str], None] = print) -> Stages:
-    """The resource plan reserved (placement groups), then every stage actor started in its bundle; every wait is
-    bounded by ``placement.placement_timeout_s``."""
-    timeout = cfg.placement.placement_timeout_s
-    plan = ResourcePlan.from_config(cfg, ClusterView.current())
-    log(plan.describe())
-    reservation = reserve(plan, timeout_s=timeout, autoscaling=cfg.placement.autoscaling, log=log)
-    try:
-        rollout = [new_rollout_worker(cfg, i, reservation) for i in range(plan.num_actors("rollout"))]
-        teachers = [new_teacher(cfg, i, reservation) for i in range(plan.num_actors("teacher"))]
-        ray.get([a.info.remote() for a in rollout] + [t.__ray_ready__.remote() for t in teachers], timeout=timeout)
-        learner = LearnerGroup(
-            cfg.model.path, cfg.learner, total_steps=total_steps, seed=cfg.train.seed,
-            expected_top_k=cfg.teacher.top_k,
-            full_teacher=FullTeacherSettings(cfg.prompt, cfg.teacher.max_context_tokens or 32_768,
-                                             cfg.teacher.on_overlength),
-            tokenizer_path=cfg.model.tokenizer, revision=cfg.model.revision,
-            trust_remote_code=cfg.model.trust_remote_code,
-            actor_options=reservation.stage_options("learner"), timeout_s=timeout,
-        )
-    except BaseException:
-        reservation.release()  # removing the placement groups kills every actor placed in them
-        raise
-    return Stages(cfg, rollout, teachers, learner, reservation, log=log)

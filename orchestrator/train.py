@@ -3,18 +3,8 @@
     opsd train --config recipes/tiny-cpu.yaml [key=value ...]
     ray job submit --working-dir . -- python -m orchestrator.train --config recipes/tiny-cpu.yaml
 
-With no cluster address (``placement.address`` / ``RAY_ADDRESS``) an embedded single-node Ray starts on 127.0.0.1
-with its dashboard; otherwise the job attaches to the cluster. The orchestrator moves tables and object refs; all
-model work happens in the stage actors:
-
-    problems (EpochSampler) -> RolloutWorker actors (vLLM, policy vN)  -> rollout table
-                            -> TeacherScorer actors (frozen base + solution) -> scored table   [not for kind 'full']
-                            -> LearnerGroup (DeepSpeed LoRA, GJS)      -> adapter vN+1 -> every RolloutWorker
-
-``train.max_staleness`` 0 (the paper): the rollouts of step n+1 start after adapter n+1 is loaded. 1: they start
-right after the rollouts of step n, on adapter n, and overlap the teacher and learner of step n.
-Outputs go to ``train.run_dir``: ``config.yaml``, ``metrics.jsonl``, ``adapters/vN/`` (PEFT directories),
-``checkpoints/step-N/``, ``summary.json``. The actors and the calls on them live in :mod:`orchestrator.stages`.
+The loop holds the stage pools (:mod:`orchestrator.stages`), passes object refs from pool to pool and reads back
+only metrics. Staleness, outputs and resuming: docs/ARCHITECTURE.md ("The loop").
 """
 
 from __future__ import annotations
@@ -25,23 +15,24 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Sequence  # noqa: E402
+from typing import Callable, Sequence  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 
-from learner.group import read_client_state  # noqa: E402
-from opsd.adapter import write_adapter_dir  # noqa: E402
+from learner.group import GroupStepMetrics, read_client_state  # noqa: E402
+from opsd.adapter import AdapterPayload, write_adapter_dir  # noqa: E402
 from opsd.atomic import write_text_atomic  # noqa: E402
 from opsd.configlib import ConfigError  # noqa: E402
-from orchestrator.config import OPSDConfig, load_config, save_config  # noqa: E402
+from orchestrator.config import OPSDConfig, ineffective_keys, load_config, save_config  # noqa: E402
 from orchestrator.data import load_dataset  # noqa: E402
 from orchestrator.metrics import MetricsSink, read_metrics, run_throughput  # noqa: E402
+from orchestrator.placement import logical_cpus  # noqa: E402
 from orchestrator.sampler import Cursor, EpochSampler  # noqa: E402
-from orchestrator.stages import logical_cpus, start_stages  # noqa: E402
-from rollout.table import rollout_stats  # noqa: E402
+from orchestrator.stages import Stages  # noqa: E402
+from rollout.pool import RolloutBatch, Rollouts  # noqa: E402
+from teacher.pool import Scored  # noqa: E402
 
 
 @dataclass
@@ -58,13 +49,13 @@ def prepare_data(cfg: OPSDConfig) -> TrainingData:
     """Load and check the data (bad input fails here, before any actor starts); hold out the last rows."""
     problems, report = load_dataset(cfg.data, required=("problem", "solution"))
     held_out = None
-    if cfg.train.eval_rows:
-        if cfg.train.eval_rows >= problems.num_rows:
-            raise ConfigError("train.eval_rows", f"{cfg.train.eval_rows} held-out rows leave no training rows of "
-                              f"the {problems.num_rows} in {report.path}")
-        held_out = EpochSampler(problems.slice(problems.num_rows - cfg.train.eval_rows), cfg.train.eval_rows,
+    if cfg.train.heldout_rows:
+        if cfg.train.heldout_rows >= problems.num_rows:
+            raise ConfigError("train.heldout_rows", f"{cfg.train.heldout_rows} held-out rows leave no training rows "
+                              f"of the {problems.num_rows} in {report.path}")
+        held_out = EpochSampler(problems.slice(problems.num_rows - cfg.train.heldout_rows), cfg.train.heldout_rows,
                                 seed=0).next_batch()
-        problems = problems.slice(0, problems.num_rows - cfg.train.eval_rows)
+        problems = problems.slice(0, problems.num_rows - cfg.train.heldout_rows)
     sampler = EpochSampler(problems, cfg.train.prompts_per_step, cfg.train.seed)
     total_steps = cfg.train.steps or cfg.train.epochs * sampler.steps_per_epoch
     return TrainingData(sampler, held_out, total_steps, f"{problems.num_rows} problems from {report.path}")
@@ -102,6 +93,81 @@ def find_resume_point(cfg: OPSDConfig, total_steps: int) -> ResumePoint | None:
                        {int(k): v for k, v in state.get("heldout_gjs", {}).items()})
 
 
+@dataclass(frozen=True)
+class AfterStep:
+    """What follows step ``done`` besides the update. Decided here, once, for every step (the last one included)."""
+
+    launch_next: bool  # sample the next step's problems
+    benchmarks: bool  # evaluate on the eval section's benchmarks
+    heldout: bool  # the held-out GJS
+    adapter: bool  # write adapters/vN
+    checkpoint: bool
+
+    @classmethod
+    def of(cls, done: int, total: int, cfg: OPSDConfig) -> AfterStep:
+        last = done == total
+
+        def every(n: int) -> bool:
+            return n > 0 and done % n == 0
+
+        return cls(launch_next=not last, benchmarks=cfg.eval.every > 0 and (last or every(cfg.eval.every)),
+                   heldout=cfg.train.heldout_rows > 0 and (last or every(cfg.train.heldout_every)),
+                   adapter=last or every(cfg.train.checkpoint_every), checkpoint=every(cfg.train.checkpoint_every))
+
+
+@dataclass
+class InFlight:
+    """A step's problems being sampled, and the data cursor they were drawn from (where a resume samples them
+    again: rollouts in flight are not part of a checkpoint)."""
+
+    batch: RolloutBatch
+    cursor: Cursor
+
+
+@dataclass
+class StepResult:
+    rollouts: Rollouts
+    scored: Scored
+    learned: GroupStepMetrics
+    adapter: AdapterPayload  # the learner's adapter after the step
+    seconds: dict[str, float]
+    sync_seconds: float
+    next: InFlight | None  # the next step's batch, when it was launched before the update (max_staleness 1)
+
+
+def launch(stages: Stages, sampler: EpochSampler) -> InFlight:
+    cursor = Cursor(**sampler.cursor.__dict__)
+    return InFlight(stages.rollout.launch(sampler.next_batch()), cursor)
+
+
+def train_step(stages: Stages, in_flight: InFlight, prefetch: Callable[[], InFlight] | None) -> StepResult:
+    """One step: gather the rollouts in flight, score them, one learner update, the new adapter to every rollout
+    worker. ``prefetch`` (max_staleness 1) launches the next batch right after the rollouts, on the old adapter."""
+    started = time.perf_counter()
+    rollouts = stages.rollout.collect(in_flight.batch)
+    seconds = {"rollout": time.perf_counter() - started}
+    following = prefetch() if prefetch is not None else None
+    t0 = time.perf_counter()
+    scored = stages.score(rollouts)
+    seconds["teacher"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    learned = stages.learner.train_step(scored.tables)
+    seconds["learner"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    adapter = stages.learner.export_adapter()
+    if not learned.skipped:
+        stages.rollout.load_adapter(adapter)
+    return StepResult(rollouts, scored, learned, adapter, seconds, time.perf_counter() - t0, following)
+
+
+@dataclass
+class Progress:
+    """What the run has measured so far: held-out GJS and benchmark results by step."""
+
+    heldout_gjs: dict[int, float] = field(default_factory=dict)
+    benchmarks: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
 def train(cfg: OPSDConfig, print_fn=print) -> Path:
     """Run the whole training job; returns the run directory."""
     run_dir = Path(cfg.train.run_dir)
@@ -109,94 +175,89 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     resume = find_resume_point(cfg, data.total_steps)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    sampler, total_steps, first_step = data.sampler, data.total_steps, 0
+    sampler, total_steps = data.sampler, data.total_steps
     print_fn(f"opsd: {data.description}; {total_steps} steps of {cfg.train.prompts_per_step} prompts; "
              f"loss {cfg.learner.loss.kind}; run dir {run_dir}")
     evaluator = benchmark_evaluator(cfg)  # bad benchmark files fail here, before Ray starts
+    progress = Progress()
     with ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg)) as session:
         print_fn(f"opsd: Ray {session.where}" + (f"; dashboard {session.dashboard}" if session.dashboard else ""))
-        stages = start_stages(cfg, total_steps, log=print_fn)
-        evaluations: dict[int, float] = {}
-        benchmarks: dict[int, dict[str, float]] = {}
+        stages = Stages.start(cfg, total_steps, log=print_fn)
+        for note in ineffective_keys(cfg, on_cpu=stages.reservation.plan.on_cpu):
+            print_fn(f"opsd: warning: {note}")
         sink = None
         try:
-            held_table = None
-            if data.held_out is not None:  # traces of the initial policy, scored once: the same table before and after
-                held_table = stages.score(stages.collect_rollouts(stages.launch_rollouts(data.held_out)))[0]
+            # The held-out traces: sampled once from the initial policy and scored once, the same before and after.
+            heldout = stages.score(stages.rollout.collect(stages.rollout.launch(data.held_out))).tables \
+                if data.held_out is not None else None
+            first_step = 0
             if resume is not None:
-                stages.learner.load_checkpoint(resume.checkpoint)
-                sampler.cursor, first_step, evaluations = resume.cursor, resume.step, dict(resume.heldout_gjs)
-                payload = stages.learner.export_adapter()
-                stages.push_adapter(payload)
-                print_fn(f"opsd: resumed from {resume.checkpoint} at step {first_step} (adapter v{payload.version})")
+                first_step = restore(stages, sampler, resume, progress, print_fn)
             sink = MetricsSink(run_dir, keep_steps_up_to=first_step if resume is not None else None)
-            if held_table is not None and 0 not in evaluations:
-                evaluations[0] = stages.learner.evaluate(held_table)
-                print_fn(f"opsd: held-out GJS before training: {evaluations[0]:.5f} ({held_table.num_rows} traces)")
+            if heldout is not None and 0 not in progress.heldout_gjs:
+                progress.heldout_gjs[0] = stages.learner.evaluate(heldout)
+                print_fn(f"opsd: held-out GJS before training: {progress.heldout_gjs[0]:.5f} "
+                         f"({heldout.num_rows} traces)")
             if evaluator is not None and resume is None:
-                benchmarks[0] = run_benchmarks(evaluator, stages, 0, print_fn)
-            in_flight_from = sampler.cursor  # the data position of the batch in flight: where a resume restarts
-            pending = stages.launch_rollouts(sampler.next_batch())
+                progress.benchmarks[0] = run_benchmarks(evaluator, stages, 0, print_fn)
+            in_flight: InFlight | None = launch(stages, sampler)
             for step in range(first_step, total_steps):
-                started = time.perf_counter()
-                rollouts = stages.collect_rollouts(pending)
-                rollout_seconds = time.perf_counter() - started
-                last = step == total_steps - 1
-                if cfg.train.max_staleness == 1 and not last:
-                    in_flight_from = sampler.cursor
-                    pending = stages.launch_rollouts(sampler.next_batch())  # overlaps teacher + learner of this step
-                t0 = time.perf_counter()
-                scored, teacher_skipped, teacher_tokens = stages.score(rollouts)
-                teacher_seconds = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                learned = stages.learner.train_step(scored)
-                learner_seconds = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                payload = stages.learner.export_adapter()
-                if not learned.skipped:
-                    stages.push_adapter(payload)
-                sync_seconds = time.perf_counter() - t0
-                benchmark_metrics = {}
-                if evaluator is not None and (last or (step + 1) % cfg.eval.every == 0):
-                    benchmark_metrics = benchmarks[step + 1] = run_benchmarks(evaluator, stages, step + 1, print_fn)
-                if cfg.train.max_staleness == 0 and not last:
-                    in_flight_from = sampler.cursor
-                    pending = stages.launch_rollouts(sampler.next_batch())
-                record = step_record(step, sampler, rollouts, learned, teacher_skipped, teacher_tokens,
-                                     dict(rollout=rollout_seconds, teacher=teacher_seconds, learner=learner_seconds),
-                                     sync_seconds, time.perf_counter() - started, stages.learner.version)
-                record["rows_in_flight"] = 0 if last else pending.num_rows  # the next step's, already sampling
-                record["workers_replaced"] = sum(stages.replaced.values())
-                record.update(benchmark_metrics)
-                if held_table is not None and (last or (cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0)):
-                    evaluations[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(held_table)
+                after = AfterStep.of(step + 1, total_steps, cfg)
+                prefetch = (lambda: launch(stages, sampler)) if after.launch_next and cfg.train.max_staleness else None
+                result = train_step(stages, in_flight, prefetch)
+                record = step_record(step, sampler, result, stages.learner.version, stages.replaced)
+                if after.benchmarks:
+                    progress.benchmarks[step + 1] = run_benchmarks(evaluator, stages, step + 1, print_fn)
+                    record.update(progress.benchmarks[step + 1])
+                in_flight = result.next or (launch(stages, sampler) if after.launch_next else None)
+                record["rows_in_flight"] = in_flight.batch.num_rows if in_flight is not None else 0
+                if after.heldout:
+                    progress.heldout_gjs[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(heldout)
                 sink.record(record)
                 print_fn(progress_line(record, total_steps))
-                every = cfg.train.checkpoint_every
-                if (every and (step + 1) % every == 0) or last:
-                    write_adapter_dir(payload, run_dir / "adapters" / f"v{payload.version}")
-                if every and (step + 1) % every == 0:
-                    # The rollouts in flight are not part of the checkpoint: a resumed run samples them again, on
-                    # the checkpoint's adapter, from the cursor they started at.
-                    cursor = sampler.cursor if last else in_flight_from
-                    stages.learner.save_checkpoint(run_dir / "checkpoints" / f"step-{step + 1}",
-                                                   {"cursor": cursor.__dict__, "heldout_gjs": evaluations})
+                save_outputs(stages, run_dir, step + 1, after, result.adapter, sampler, in_flight, progress)
         finally:
             if sink is not None:
                 sink.close()
             if evaluator is not None:
                 evaluator.close()
             stages.shutdown()
+    finish(run_dir, total_steps, stages.learner.version, progress, print_fn)
+    return run_dir
+
+
+def restore(stages: Stages, sampler: EpochSampler, resume: ResumePoint, progress: Progress, print_fn) -> int:
+    """The learner state, data cursor and held-out GJS of a checkpoint; its adapter on the rollout workers."""
+    stages.learner.load_checkpoint(resume.checkpoint)
+    sampler.cursor = resume.cursor
+    progress.heldout_gjs.update(resume.heldout_gjs)
+    payload = stages.learner.export_adapter()
+    stages.rollout.load_adapter(payload)
+    print_fn(f"opsd: resumed from {resume.checkpoint} at step {resume.step} (adapter v{payload.version})")
+    return resume.step
+
+
+def save_outputs(stages: Stages, run_dir: Path, done: int, after: AfterStep, adapter: AdapterPayload,
+                 sampler: EpochSampler, in_flight: InFlight | None, progress: Progress) -> None:
+    """The adapter directory and the checkpoint due after step ``done``."""
+    if after.adapter:
+        write_adapter_dir(adapter, run_dir / "adapters" / f"v{adapter.version}")
+    if after.checkpoint:
+        cursor = in_flight.cursor if in_flight is not None else sampler.cursor
+        stages.learner.save_checkpoint(run_dir / "checkpoints" / f"step-{done}",
+                                       {"cursor": cursor.__dict__, "heldout_gjs": progress.heldout_gjs})
+
+
+def finish(run_dir: Path, total_steps: int, version: int, progress: Progress, print_fn) -> None:
     throughput = run_throughput(read_metrics(run_dir))
-    summary = {"steps": total_steps, "final_adapter_version": stages.learner.version, "run_dir": str(run_dir),
-               "heldout_gjs": evaluations, "tokens_per_second": throughput, "eval": benchmarks}
+    summary = {"steps": total_steps, "final_adapter_version": version, "run_dir": str(run_dir),
+               "heldout_gjs": progress.heldout_gjs, "tokens_per_second": throughput, "eval": progress.benchmarks}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if evaluations:
-        first, final = evaluations[0], evaluations[max(evaluations)]
+    if progress.heldout_gjs:
+        first, final = progress.heldout_gjs[0], progress.heldout_gjs[max(progress.heldout_gjs)]
         print_fn(f"opsd: held-out GJS {first:.5f} before, {final:.5f} after ({(final - first) / first:+.1%})")
     print_fn("opsd: tokens/s over the run: " + ", ".join(f"{stage} {rate:,.0f}" for stage, rate in throughput.items()))
     print_fn(f"opsd: run directory {run_dir.resolve()} (curves: opsd plot {run_dir})")
-    return run_dir
 
 
 def benchmark_evaluator(cfg: OPSDConfig):
@@ -204,21 +265,18 @@ def benchmark_evaluator(cfg: OPSDConfig):
     engines' context; None when off."""
     if not cfg.eval.every:
         return None
-    from opsd.hf import load_tokenizer
-    from orchestrator.evaluation.run import Evaluator, model_context
-    from orchestrator.stages import model_spec
+    from evaluation.run import Evaluator
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, cfg.model.revision, cfg.model.trust_remote_code)
-    evaluator = Evaluator(cfg.eval, tokenizer)
+    evaluator = Evaluator(cfg.eval, cfg.model.load_tokenizer())
     try:
-        evaluator.check_prompts(cfg.prompt, cfg.rollout.max_model_len or model_context(model_spec(cfg)))
+        evaluator.check_prompts(cfg.prompt, cfg.rollout.max_model_len or cfg.model.context_length())
     except BaseException:
         evaluator.close()
         raise
     return evaluator
 
 
-def run_benchmarks(evaluator, stages, step: int, print_fn) -> dict[str, float]:
+def run_benchmarks(evaluator, stages: Stages, step: int, print_fn) -> dict[str, float]:
     """Evaluate what the rollout workers serve now; flat ``eval/<benchmark>/<metric>`` numbers."""
     result = evaluator.run(stages.rollout)
     metrics = result.metrics()
@@ -230,24 +288,24 @@ def run_benchmarks(evaluator, stages, step: int, print_fn) -> dict[str, float]:
     return metrics
 
 
-def step_record(step, sampler, rollouts, learned, teacher_skipped, teacher_tokens, seconds, sync_seconds, total,
-                adapter_version):
-    stats = rollout_stats(rollouts)
-    lengths = pc.list_value_length(rollouts.column("response_ids")).to_pylist() or [0]
-    versions = set(rollouts.column("policy_version").to_pylist())
+def step_record(step: int, sampler: EpochSampler, result: StepResult, adapter_version: int, replaced: int) -> dict:
+    summary, learned = result.rollouts.summary, result.learned
+    stats = summary.stats
+    lengths = summary.response_lengths or (0,)
     record = {
         "step": step + 1, "epoch": sampler.cursor.epoch, "loss": learned.loss, "gjs": learned.gjs,
         "grad_norm": learned.grad_norm, "learning_rate": learned.lr, "tokens": learned.tokens,
-        "rows": rollouts.num_rows, "skipped": learned.skipped, "skip_reason": learned.skip_reason,
-        "skipped_rows": stats.skipped + sum(teacher_skipped.values()) + sum(learned.skipped_rows.values()),
-        "sample_ids": rollouts.column("sample_id").to_pylist(), "policy_versions": sorted(versions),
-        "policy_staleness": learned.staleness_mean, "step_seconds": total, "adapter_sync_seconds": sync_seconds,
+        "rows": summary.rows, "skipped": learned.skipped, "skip_reason": learned.skip_reason,
+        "skipped_rows": stats.skipped + sum(result.scored.skipped.values()) + sum(learned.skipped_rows.values()),
+        "sample_ids": list(summary.sample_ids), "policy_versions": sorted(set(summary.policy_versions)),
+        "policy_staleness": learned.staleness_mean, "step_seconds": sum(result.seconds.values()) + result.sync_seconds,
+        "adapter_sync_seconds": result.sync_seconds,
         "rollout_length_mean": sum(lengths) / len(lengths),
         "truncation_rate": stats.truncated / max(stats.samples, 1),
-        "adapter_version": adapter_version,
+        "adapter_version": adapter_version, "workers_replaced": replaced,
     }
-    stage_tokens = {"rollout": stats.generated_tokens, "teacher": teacher_tokens, "learner": learned.tokens}
-    for stage, secs in seconds.items():
+    stage_tokens = {"rollout": stats.generated_tokens, "teacher": result.scored.tokens, "learner": learned.tokens}
+    for stage, secs in result.seconds.items():
         record[f"stage_seconds/{stage}"] = secs
         record[f"tokens_per_second/{stage}"] = stage_tokens[stage] / secs if secs > 0 else 0.0
     return record

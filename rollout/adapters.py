@@ -128,7 +128,7 @@ def _check_config(payload: AdapterPayload, target: AdapterTarget, where: str) ->
         if value > target.max_rank:
             raise AdapterError(
                 f"{where}: LoRA rank {key}={value} is larger than this engine's max_lora_rank {target.max_rank}; "
-                "raise rollout.max_lora_rank (the engine is built for it) or train a smaller rank"
+                "the engines are built for learner.lora.rank: an adapter of another run needs engines sized for it"
             )
 
     recorded = payload.base_model

@@ -6,10 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from opsd.configlib import ConfigError, check
-
-# LoRA ranks a vLLM engine can be built for (vllm.config.lora.MaxLoRARanks). An adapter of any rank up to the
-# engine's maximum loads: vLLM pads smaller ranks.
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+from opsd.sampling import Sampling, check_sampling
 
 AdapterServing = Literal["lora", "merged"]
 ADAPTER_SERVING_CHOICES = ("auto", "lora", "merged")
@@ -69,14 +66,6 @@ class RolloutConfig:
         default=None,
         metadata={"doc": "Longest prompt + response an engine holds, in tokens. None: the model's own maximum."},
     )
-    max_lora_rank: int = field(
-        default=64,
-        metadata={
-            "doc": "Largest LoRA rank the engines accept (the paper's recipe trains r=64). One of "
-            + ", ".join(map(str, VLLM_MAX_LORA_RANKS))
-            + " (vLLM's choices); adapters of a smaller rank load too."
-        },
-    )
     adapter_serving: Literal["auto", "lora", "merged"] = field(
         default="auto",
         metadata={
@@ -93,6 +82,11 @@ class RolloutConfig:
             "before generating, naming the sample ids; 'skip' leaves those rows out and counts them."
         },
     )
+
+    def sampling(self) -> Sampling:
+        """The run's sampling parameters (a call may pass its own, e.g. evaluation)."""
+        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, n=self.n,
+                        max_tokens=self.max_response_tokens, seed=self.seed)
 
     def validate(self) -> None:
         check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
@@ -119,11 +113,6 @@ class RolloutConfig:
             f"must be >= 1, got {self.max_response_tokens}",
         )
         check_sampling(self.temperature, self.top_p, self.top_k, self.n, self.seed)
-        check(
-            self.max_lora_rank in VLLM_MAX_LORA_RANKS,
-            "max_lora_rank",
-            f"must be one of {', '.join(map(str, VLLM_MAX_LORA_RANKS))} (vLLM's choices), got {self.max_lora_rank}",
-        )
         check(
             self.adapter_serving in ADAPTER_SERVING_CHOICES,
             "adapter_serving",
@@ -155,12 +144,3 @@ def resolve_adapter_serving(mode: str, *, on_cpu: bool) -> AdapterServing:
         raise ConfigError("rollout.adapter_serving",
                           f"must be one of {', '.join(map(repr, ADAPTER_SERVING_CHOICES))}, got {mode!r}")
     return mode  # type: ignore[return-value]
-
-
-def check_sampling(temperature: float, top_p: float, top_k: int, n: int, seed: int) -> None:
-    """The sampling parameters' ranges: for the config, and for a per-call ``Sampling`` override."""
-    check(temperature >= 0, "temperature", f"must be >= 0, got {temperature}")
-    check(0 < top_p <= 1, "top_p", f"must be in (0, 1], got {top_p}")
-    check(top_k == -1 or top_k >= 1, "top_k", f"must be -1 (off) or >= 1, got {top_k}")
-    check(n >= 1, "n", f"must be >= 1, got {n}")
-    check(seed >= 0, "seed", f"must be >= 0, got {seed}")

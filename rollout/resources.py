@@ -43,29 +43,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 from opsd.configlib import ConfigError
+from opsd.model import ModelSpec
 from rollout.config import RolloutConfig
 
 GIB = 1 << 30
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The base model an engine serves (the rollout-relevant part of the orchestrator's ``model`` section)."""
-
-    path: str
-    tokenizer: str | None = None  # None: the same as path
-    revision: str | None = None
-    trust_remote_code: bool = False
-    dtype: str = "auto"  # "auto": float32 on CPU, bfloat16 on GPU
-
-    @property
-    def tokenizer_path(self) -> str:
-        return self.tokenizer or self.path
-
-    def engine_dtype(self, on_cpu: bool) -> str:
-        if self.dtype == "auto":
-            return "float32" if on_cpu else "bfloat16"
-        return self.dtype
 
 
 @dataclass(frozen=True)
@@ -97,12 +78,12 @@ def cpu_cores_for(worker_index: int, num_workers: int, threads_per_worker: int |
 
 
 def engine_launch(model: ModelSpec, config: RolloutConfig, *, on_cpu: bool, lora_layers: Sequence[str] | None,
-                  cpu_cores: Sequence[int] | None = None) -> EngineLaunch:
+                  max_lora_rank: int = 64, cpu_cores: Sequence[int] | None = None) -> EngineLaunch:
     """The engine arguments and start environment for ``model`` under ``config`` (see the module docstring).
 
     ``lora_layers``: short names of the linear layers adapters may target (``q_proj``, ...; see
-    :func:`rollout.adapters.model_linear_shapes`). Only those get LoRA slots in the engine. None: an engine without
-    LoRA (adapters served as merged weights, :mod:`rollout.serving`).
+    :func:`rollout.adapters.model_linear_shapes`). Only those get LoRA slots in the engine, of rank
+    ``max_lora_rank``. None: an engine without LoRA (adapters served as merged weights, :mod:`rollout.serving`).
     """
     kwargs: dict[str, Any] = dict(
         model=model.path,
@@ -120,7 +101,7 @@ def engine_launch(model: ModelSpec, config: RolloutConfig, *, on_cpu: bool, lora
     if lora_layers is not None:
         kwargs.update(
             enable_lora=True,
-            max_lora_rank=config.max_lora_rank,
+            max_lora_rank=max_lora_rank,
             # LoRA slots on the transformer blocks' linear layers only. Left to itself vLLM also wraps the output
             # head, and then adds a (vocabulary x rank) LoRA product to the logits at every step even for the base
             # model: on CPU that made decoding with a 151,936-token vocabulary many times slower.

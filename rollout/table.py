@@ -18,28 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-import numpy as np
 import pyarrow as pa
 
-from opsd.schema import ROLLOUT_FIELDS, TableError, sample_id
+from opsd.schema import ROLLOUT_FIELDS, TableError, parse_sample_id, sample_id
+from opsd.tables import list_column
 
 STATS_KEY = b"opsd.rollout"
-_SAMPLE_ID_RE = re.compile(r"^(?P<row>.+)@e(?P<epoch>\d+)r(?P<rollout>\d+)$")
 
 
 # -- sample ids and seeds ----------------------------------------------------------------------------------------
-def parse_sample_id(value: str) -> tuple[str, int, int] | None:
-    """``(row, epoch, rollout)`` of an id made by ``opsd.schema.sample_id``; None for any other string."""
-    match = _SAMPLE_ID_RE.match(value)
-    if match is None:
-        return None
-    return match["row"], int(match["epoch"]), int(match["rollout"])
-
-
 def rollout_sample_ids(prompt_id: str, n: int) -> list[str]:
     """Ids of the ``n`` traces sampled for the prompt row ``prompt_id`` (see the module docstring)."""
     if n == 1:
@@ -88,6 +78,32 @@ class RolloutStats:
         )
 
 
+@dataclass(frozen=True)
+class RolloutSummary:
+    """What the driver reads of a rollout shard (the table itself travels on as an object ref)."""
+
+    sample_ids: tuple[str, ...]
+    policy_versions: tuple[int, ...]
+    response_lengths: tuple[int, ...]
+    stats: RolloutStats
+
+    @property
+    def rows(self) -> int:
+        return len(self.sample_ids)
+
+    @classmethod
+    def of(cls, table: pa.Table) -> RolloutSummary:
+        import pyarrow.compute as pc
+
+        return cls(tuple(table.column("sample_id").to_pylist()), tuple(table.column("policy_version").to_pylist()),
+                   tuple(pc.list_value_length(table.column("response_ids")).to_pylist()), rollout_stats(table))
+
+    @classmethod
+    def merge(cls, parts: Sequence[RolloutSummary]) -> RolloutSummary:
+        return cls(tuple(i for p in parts for i in p.sample_ids), tuple(v for p in parts for v in p.policy_versions),
+                   tuple(n for p in parts for n in p.response_lengths), RolloutStats.merge([p.stats for p in parts]))
+
+
 def with_rollout_stats(table: pa.Table, stats: RolloutStats) -> pa.Table:
     metadata = dict(table.schema.metadata or {})
     metadata[STATS_KEY] = json.dumps(asdict(stats), sort_keys=True).encode()
@@ -111,16 +127,6 @@ def check_no_rollout_columns(problems: pa.Table) -> None:
     if present:
         raise TableError(f"the problem table already has rollout column(s) {', '.join(present)}; send problem rows "
                          "(sample_id, problem, solution, answer and any extra columns) only")
-
-
-def list_column(values: Sequence[Sequence[int]] | Sequence[Sequence[float]], value_type: pa.DataType) -> pa.Array:
-    """An Arrow ``list<value_type>`` column from per-row sequences, built from one flat buffer and offsets."""
-    lengths = np.fromiter((len(v) for v in values), dtype=np.int32, count=len(values))
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    dtype = value_type.to_pandas_dtype()
-    flat = np.concatenate([np.asarray(v, dtype=dtype) for v in values]) if len(values) else np.zeros(0, dtype)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=value_type))
 
 
 @dataclass(frozen=True)

@@ -65,17 +65,20 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 
 from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir
-from opsd.configlib import check
 from opsd.errors import UserInputError
-from opsd.hf import load_tokenizer, tokenizer_fingerprint
+from opsd.hf import tokenizer_fingerprint
+from opsd.lora import VLLM_LORA_RANKS
+from opsd.model import ModelSpec, as_model_spec
 from opsd.prompts import PromptBuilder, PromptConfig
+from opsd.sampling import Sampling
 from opsd.schema import FINISH_REASONS, TableError, TableMetadata, check_table, with_metadata
 from rollout.adapters import AdapterTarget, model_linear_shapes, validated_lora_weights
-from rollout.config import RolloutConfig, check_sampling, resolve_adapter_serving
-from rollout.resources import ModelSpec, bind_process_to_cores, cpu_cores_for, engine_launch, scoped_environ
+from rollout.config import RolloutConfig, resolve_adapter_serving
+from rollout.resources import bind_process_to_cores, cpu_cores_for, engine_launch, scoped_environ
 from rollout.serving import AdapterServer, EngineWeightsError, LoraServing, MergedServing
 from rollout.table import (
     RolloutStats,
+    RolloutSummary,
     Trace,
     check_no_rollout_columns,
     rollout_sample_ids,
@@ -107,31 +110,6 @@ class PromptTooLongError(UserInputError):
     def __reduce__(self):  # picklable across Ray, with its fields
         return (type(self), (self.sample_ids, self.lengths, self.max_prompt_tokens, self.max_model_len,
                              self.max_tokens))
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How traces are sampled. :meth:`from_config` gives the run's; a call may pass another (evaluation, tests)."""
-
-    temperature: float
-    top_p: float
-    top_k: int  # -1: off
-    n: int
-    max_tokens: int
-    seed: int
-
-    @classmethod
-    def from_config(cls, config: RolloutConfig) -> Sampling:
-        return cls(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k, n=config.n,
-                   max_tokens=config.max_response_tokens, seed=config.seed)
-
-    def validate(self, max_model_len: int) -> None:
-        check_sampling(self.temperature, self.top_p, self.top_k, self.n, self.seed)
-        check(
-            1 <= self.max_tokens < max_model_len,
-            "max_tokens",
-            f"must be in [1, max_model_len {max_model_len}) to leave room for a prompt, got {self.max_tokens}",
-        )
 
 
 @dataclass(frozen=True)
@@ -171,19 +149,22 @@ class RolloutWorker:
 
     def __init__(self, model: ModelSpec | str, config: RolloutConfig | None = None,
                  prompts: PromptConfig | None = None, *, worker_index: int = 0,
-                 cpu_cores: Sequence[int] | None = None):
+                 cpu_cores: Sequence[int] | None = None, max_lora_rank: int = 64):
         """``worker_index`` picks this worker's block of cores on CPU (``cpu_cores`` overrides it) and names its
-        temp directory. Building the engine binds this process to those cores (CPU)."""
-        self.model = ModelSpec(path=model) if isinstance(model, str) else model
+        temp directory. Building the engine binds this process to those cores (CPU). ``max_lora_rank``: the
+        largest adapter rank this worker will load (one of ``opsd.lora.VLLM_LORA_RANKS``)."""
+        self.model = as_model_spec(model)
         self.config = config if config is not None else RolloutConfig()
         self.config.validate()
+        if max_lora_rank not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {VLLM_LORA_RANKS} (vLLM's choices), got {max_lora_rank}")
         self.worker_index = worker_index
-        self.tokenizer = load_tokenizer(self.model.tokenizer_path, self.model.revision, self.model.trust_remote_code)
+        self.tokenizer = self.model.load_tokenizer()
         self.prompts = PromptBuilder(self.tokenizer, prompts)
 
         self._target = AdapterTarget(
             base_model=self.model.path,
-            max_rank=self.config.max_lora_rank,
+            max_rank=max_lora_rank,
             linear_shapes=model_linear_shapes(self.model.path, self.model.revision, self.model.trust_remote_code),
         )
         on_cpu = _vllm_on_cpu()
@@ -198,7 +179,7 @@ class RolloutWorker:
                                       sorted(os.sched_getaffinity(0)))
         launch = engine_launch(self.model, self.config, on_cpu=on_cpu,
                                lora_layers=self._target.layer_names if serving == "lora" else None,
-                               cpu_cores=cpu_cores if on_cpu else None)
+                               max_lora_rank=max_lora_rank, cpu_cores=cpu_cores if on_cpu else None)
         started = time.perf_counter()
         with scoped_environ(launch.env):
             if launch.cpu_cores:
@@ -251,7 +232,7 @@ class RolloutWorker:
             raise EngineWeightsError(f"this rollout worker cannot sample: {self._broken}")
         check_table(problems, "problems")
         check_no_rollout_columns(problems)
-        sampling = sampling if sampling is not None else Sampling.from_config(self.config)
+        sampling = sampling if sampling is not None else self.config.sampling()
         sampling.validate(self.max_model_len)
         prompt_ids_by_row = problems.column("sample_id").to_pylist()
         _check_unique(prompt_ids_by_row, "problem")
@@ -285,6 +266,12 @@ class RolloutWorker:
             generate_seconds=time.perf_counter() - started,
         )
         return with_rollout_stats(with_metadata(table, self.metadata), stats)
+
+    def generate_shard(self, problems: pa.Table, sampling: Sampling | None = None) -> tuple[pa.Table, RolloutSummary]:
+        """``generate``, and what the driver needs to know of the table without fetching it (a pool calls this
+        with two return values: the table stays in the object store, on its way to the next stage)."""
+        table = self.generate(problems, sampling)
+        return table, RolloutSummary.of(table)
 
     def _sample(self, prompts: list[list[int]], ids: list[str], sampling: Sampling) -> list[Trace]:
         if not prompts:

@@ -3,10 +3,7 @@
     scorer = TeacherScorer("Qwen/Qwen3-1.7B", TeacherConfig(), temperature=1.1)
     result = scorer.score(rollout_table)        # rollout columns in, + teacher_topk_* / tail / token log-probs out
 
-The model is loaded once with its initial weights and never updated (no adapter is ever attached). Rows are packed
-into forward passes by token budget (padded rows x longest <= ``token_budget``), the transformer runs under
-``torch.inference_mode`` (bf16 + SDPA on GPU), and ``lm_head`` + log-softmax + top-k run ``logits_chunk`` response
-positions at a time, so the ``[T, V]`` logits of a long trace never exist at once.
+Packing, chunking and the columns it writes: docs/ARCHITECTURE.md ("The teacher").
 """
 
 from __future__ import annotations
@@ -18,12 +15,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from opsd.hf import load_tokenizer, tokenizer_fingerprint
+from opsd.hf import tokenizer_fingerprint
+from opsd.model import ModelSpec, as_model_spec, resolve_dtype
+from opsd.packing import pack_by_tokens
 from opsd.prompts import PromptBuilder, PromptConfig
 from opsd.schema import SCORED_SCHEMA, TableMetadata, check_metadata, check_table, read_metadata, with_metadata
-from teacher.config import TeacherConfig
-from opsd.packing import pack_by_tokens
+from opsd.tables import concat_tables, list_column
 from opsd.teacher_context import build_contexts
+from teacher.config import TeacherConfig
 from teacher.topk import CompressedDistribution, compress_hidden
 
 
@@ -41,43 +40,49 @@ class ScoreResult:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def summary(self) -> ScoreSummary:
+        return ScoreSummary(self.table.num_rows, dict(self.skipped), self.truncated_rows, self.tokens, self.seconds)
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """What the driver reads of a scored shard (the table itself travels on as an object ref)."""
+
+    rows: int
+    skipped: dict[str, int]
+    truncated_rows: int
+    tokens: int
+    seconds: float
 
 
 class TeacherScorer:
-    """A plain class (no Ray); ``teacher.actor.TeacherActor`` wraps it for the cluster."""
+    """A plain class (no Ray); ``teacher.pool`` runs it as Ray actors."""
 
     def __init__(
         self,
-        model_path: str,
+        model: ModelSpec | str,
         config: TeacherConfig | None = None,
         *,
         temperature: float = 1.0,
         prompt: PromptConfig | None = None,
-        tokenizer_path: str | None = None,
-        revision: str | None = None,
-        trust_remote_code: bool = False,
         device: str | None = None,
     ):
         from transformers import AutoModelForCausalLM
 
+        model = as_model_spec(model)
         self.config = config or TeacherConfig()
         self.config.validate()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = load_tokenizer(tokenizer_path or model_path, revision, trust_remote_code)
+        self.tokenizer = model.load_tokenizer()
         self.builder = PromptBuilder(self.tokenizer, prompt)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path,
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-            dtype=resolve_dtype(self.config.dtype, self.device),
+            model.path,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
+            dtype=resolve_dtype(self.config.dtype, on_gpu=self.device.startswith("cuda")),
             use_safetensors=True,
             attn_implementation="sdpa",
         ).to(self.device).eval().requires_grad_(False)
@@ -85,7 +90,7 @@ class TeacherScorer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.max_context = self.config.max_context_tokens or int(self.model.config.max_position_embeddings)
         self.metadata = TableMetadata(
-            model=model_path,
+            model=model.path,
             tokenizer=tokenizer_fingerprint(self.tokenizer),
             vocab_size=int(self.lm_head.weight.shape[0]),
             top_k=self.config.top_k,
@@ -127,6 +132,13 @@ class TeacherScorer:
             seconds=time.perf_counter() - start,
         )
 
+    def score_pieces(self, pieces: list[tuple[int, int, int]], *tables: pa.Table) -> tuple[pa.Table, ScoreSummary]:
+        """Score rows ``start:stop`` of ``tables[shard]`` for each ``(shard, start, stop)`` piece, as one table (what
+        a pool sends: the rollout stage's shards stay in the object store; Ray resolves them here)."""
+        table = concat_tables([tables[shard].slice(start, stop - start) for shard, start, stop in pieces])
+        result = self.score(table)
+        return result.table, result.summary()
+
     @torch.inference_mode()
     def _score_batch(self, contexts) -> list[CompressedDistribution]:
         longest = max(len(c.input_ids) for c in contexts)
@@ -146,14 +158,6 @@ class TeacherScorer:
         return results
 
 
-def _list_column(arrays: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
-    """A list column from per-row numpy arrays, built from offsets (no Python loop over values)."""
-    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
-    np.cumsum([a.size for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
-
-
 def _append_teacher_columns(table: pa.Table, scored: list[CompressedDistribution]) -> pa.Table:
     cpu = [(s.ids.cpu().numpy().astype(np.int32).ravel(), s.logprobs.float().cpu().numpy().ravel(),
             s.tail_logprob.float().cpu().numpy(), s.token_logprob.float().cpu().numpy()) for s in scored]
@@ -164,7 +168,7 @@ def _append_teacher_columns(table: pa.Table, scored: list[CompressedDistribution
         "teacher_token_logprob": (3, pa.float32()),
     }
     for name, (index, value_type) in columns.items():
-        table = table.append_column(name, _list_column([row[index] for row in cpu], value_type))
+        table = table.append_column(name, list_column([row[index] for row in cpu], value_type))
     return table
 
 

@@ -65,7 +65,7 @@ def test_quickstart_trains_and_reports(smollm2_dir: Path, tmp_path: Path, capsys
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the embedded cluster must not write ~/.ray/auth_token here
     run_dir = tmp_path / "run"
     assert main(["quickstart", "--models-dir", str(models), "train.steps=2", "train.prompts_per_step=1",
-                 "train.eval_rows=1", "rollout.max_response_tokens=8", f"train.run_dir={run_dir}"]) == 0
+                 "train.heldout_rows=1", "rollout.max_response_tokens=8", f"train.run_dir={run_dir}"]) == 0
     out = capsys.readouterr().out
     for step in ("[1/3] model", "[2/3] config", "[3/3] training", "step 2/2", "quickstart done"):
         assert step in out

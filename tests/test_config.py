@@ -62,6 +62,7 @@ def test_defaults_follow_the_paper_text():
     assert cfg.train.max_staleness == 0
     expected = OPSDConfig()
     expected.data.path = "data/train.jsonl"
+    expected.learner.loss.temperature = expected.rollout.temperature  # derived when the config is loaded
     assert cfg == expected
 
 
@@ -161,7 +162,9 @@ def test_override_into_a_value_is_rejected():
 
 def test_empty_section_is_all_defaults(tmp_path):
     path = write(tmp_path, "data: {path: d.jsonl}\nlearner:\nrollout:\n")
-    assert load_config(path).learner == OPSDConfig().learner
+    expected = OPSDConfig().learner
+    expected.loss.temperature = OPSDConfig().rollout.temperature  # derived when the config is loaded
+    assert load_config(path).learner == expected
 
 
 # -- error messages -------------------------------------------------------------------------------------------
@@ -220,13 +223,42 @@ def test_lora_on_the_output_head_or_embeddings_is_refused():
     assert err.key == "learner.lora.target_modules[0]"
 
 
-def test_lora_rank_must_fit_the_engines_when_they_serve_lora():
-    err = error_of(load_config, None, DATA + ["learner.lora.rank=128", "rollout.max_lora_rank=64"])
-    assert err.key == "learner.lora.rank" and "rollout.max_lora_rank (64)" in str(err)
-    # Merged serving (CPU) has no LoRA slots to fit.
-    cfg = load_config(None, DATA + ["learner.lora.rank=128", "rollout.max_lora_rank=64",
-                                    "rollout.adapter_serving=merged", "rollout.gpus_per_worker=0"])
-    assert cfg.learner.lora.rank == 128
+def test_engine_lora_rank_is_derived_and_old_keys_say_what_replaced_them():
+    # The engines are sized from learner.lora.rank; the key that had to be kept equal to it by hand is gone.
+    err = error_of(load_config, None, DATA + ["rollout.max_lora_rank=64"])
+    assert err.key == "rollout.max_lora_rank" and "unknown key" in str(err)
+    for old, new in (("train.eval_rows", "train.heldout_rows"), ("train.eval_every", "train.heldout_every")):
+        err = error_of(load_config, None, DATA + [f"{old}=1"])
+        assert err.key == old and f"is no longer a key: renamed {new}" in str(err)
+    err = error_of(load_config, None, DATA + ["data.shuffle_seed=3"])
+    assert err.key == "data.shuffle_seed" and "train.seed" in str(err)
+
+
+def test_loss_temperature_follows_sampling_and_a_mismatch_is_refused_unless_asked_for(tmp_path):
+    assert load_config(None, DATA + ["rollout.temperature=1.1"]).learner.loss.temperature == 1.1
+    assert load_config(None, DATA + ["rollout.temperature=0"]).learner.loss.temperature == 1.0  # greedy: untempered
+    err = error_of(load_config, None, DATA + ["rollout.temperature=1.1", "learner.loss.temperature=1.0"])
+    assert err.key == "learner.loss.temperature" and "differs from rollout.temperature (1.1)" in str(err)
+    cfg = load_config(None, DATA + ["rollout.temperature=1.1", "learner.loss.temperature=1.0",
+                                    "learner.loss.allow_temperature_mismatch=true"])
+    assert cfg.learner.loss.temperature == 1.0
+    # The saved config holds the derived value and loads back equal.
+    derived = load_config(None, DATA + ["rollout.temperature=0.7"])
+    save_config(derived, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == derived
+
+
+def test_keys_without_effect_are_named():
+    from orchestrator.config import ineffective_keys
+
+    cfg = load_config(None, DATA + ["teacher.top_k=8", "teacher.num_workers=2", "rollout.cpu_kv_cache_gib=4"])
+    notes = ineffective_keys(cfg, on_cpu=False)
+    assert any(n.startswith("teacher.top_k has no effect: learner.loss.kind=full") for n in notes)
+    assert any(n.startswith("teacher.num_workers has no effect") for n in notes)
+    assert "rollout.cpu_kv_cache_gib has no effect on GPU engines" in notes
+    assert ineffective_keys(load_config(None, DATA + ["teacher.top_k=8", "learner.loss.kind=topk_tail"]),
+                            on_cpu=True) == []
+    assert ineffective_keys(load_config(None, DATA), on_cpu=True) == []  # defaults are never reported
 
 
 def test_literal_error_lists_choices_and_suggests():

@@ -17,11 +17,11 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.data import DataError
-from orchestrator.evaluation.benchmarks import BUILTIN, load_benchmarks, parse_columns, resolve_benchmark
-from orchestrator.evaluation.config import EvalConfig
-from orchestrator.evaluation.extract import extract_answer, extract_boxed, extract_gsm8k, vote_key
-from orchestrator.evaluation.grading import Grader
-from orchestrator.evaluation.metrics import (
+from evaluation.benchmarks import BUILTIN, load_benchmarks, parse_columns, resolve_benchmark
+from evaluation.config import EvalConfig
+from evaluation.extract import extract_answer, extract_boxed, extract_gsm8k, vote_key
+from evaluation.grading import Grader
+from evaluation.scores import (
     ProblemScore,
     default_ks,
     majority_correct,
@@ -30,8 +30,8 @@ from orchestrator.evaluation.metrics import (
     pass_at_k,
     score_benchmark,
 )
-from orchestrator.evaluation.records import EvalResult, SampleRecord, summarize
-from orchestrator.evaluation.report import compare_runs, markdown_table, read_run, write_run
+from evaluation.records import EvalResult, SampleRecord, summarize
+from evaluation.report import compare_runs, markdown_table, read_run, write_run
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

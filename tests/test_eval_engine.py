@@ -1,5 +1,5 @@
 """Evaluation with real engines: `opsd eval` end to end on the tiny model (vLLM RolloutWorkers on an embedded Ray,
-a LoRA adapter, math-verify grading), and the in-training API on already-started rollout actors.
+a LoRA adapter, math-verify grading), and the in-training API on an already-started rollout pool.
 
 The tiny model is random, so it answers nothing: these tests check the machinery (every output written, every
 sample accounted for, adapters served, sampling reproducible), not accuracy. Grading itself is checked against
@@ -17,11 +17,11 @@ from helpers.local_ray import local_ray  # first: sets Ray's loopback switch bef
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.evaluation.grading import GRADE_STATUSES
+from evaluation.grading import GRADE_STATUSES
 
 pytestmark = pytest.mark.slow
 
-SHARED_EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
+EVAL_DATA = Path(__file__).resolve().parents[1] / "data" / "eval"
 LIMIT, N, MAX_TOKENS = 5, 2, 16
 
 
@@ -41,9 +41,8 @@ def wait_for_free_cpus(expected: float, timeout_s: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.skipif(not SHARED_EVAL.is_dir(), reason="needs ../shared/data/eval")
 def test_opsd_eval_end_to_end_writes_every_output(tiny_model_dir, adapter, tmp_path, capsys):
-    files = sorted(SHARED_EVAL.glob("*.jsonl"))
+    files = sorted(EVAL_DATA.glob("*.jsonl"))
     assert [f.stem for f in files] == ["aime24", "aime25", "hmmt25", "math500"]
     out = tmp_path / "run"
     argv = ["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter),
@@ -91,31 +90,29 @@ def test_opsd_eval_end_to_end_writes_every_output(tiny_model_dir, adapter, tmp_p
     assert compared.count("| +0.0") == len(files) * 3 and "| yes |" not in compared
 
 
-def test_run_eval_on_already_started_rollout_actors(tiny_model_dir, adapter):
-    """The in-training API: the orchestrator's actors (whatever adapter they serve), benchmarks loaded once."""
-    import ray
-
+def test_run_eval_on_an_already_started_rollout_pool(tiny_model_dir, adapter):
+    """The in-training API: the orchestrator's rollout pool (whatever adapter it serves), benchmarks loaded once."""
+    from evaluation.config import EvalConfig
+    from evaluation.run import Evaluator
+    from opsd.adapter import read_adapter_dir
     from opsd.hf import load_tokenizer
-    from orchestrator.evaluation.config import EvalConfig
-    from orchestrator.evaluation.run import Evaluator
-    from rollout.actor import load_adapter_on_all, start_rollout_actors
+    from opsd.model import ModelSpec
     from rollout.config import RolloutConfig
-    from rollout.resources import ModelSpec
+    from rollout.pool import RolloutPool
 
     rollout = RolloutConfig(num_workers=2, gpus_per_worker=0, cpu_kv_cache_gib=0.25, max_model_len=512,
-                            max_response_tokens=MAX_TOKENS, max_lora_rank=8)
+                            max_response_tokens=MAX_TOKENS)
     config = EvalConfig(benchmarks=["gsm8k", "aime24"], limit=3, n=3, max_tokens=8, pass_k=[1, 2])
     with local_ray(num_cpus=2), Evaluator(config, load_tokenizer(str(tiny_model_dir))) as evaluator:
         evaluator.check_prompts(None, 512)
-        actors = start_rollout_actors(ModelSpec(str(tiny_model_dir)), rollout, timeout_s=300)
+        pool = RolloutPool(ModelSpec(str(tiny_model_dir)), rollout, max_lora_rank=8, call_timeout_s=300)
         try:
-            first = evaluator.run(actors)
-            again = evaluator.run(actors)
-            load_adapter_on_all(actors, 1, str(adapter))
-            tuned = evaluator.run(actors)
+            first = evaluator.run(pool)
+            again = evaluator.run(pool)
+            pool.load_adapter(read_adapter_dir(adapter, 1))
+            tuned = evaluator.run(pool)
         finally:
-            for actor in actors:
-                ray.kill(actor)
+            pool.shutdown()
 
     metrics = first.metrics()
     for bench in ("gsm8k", "aime24"):

@@ -124,7 +124,7 @@ def test_colocate_refuses_fractions_over_one_gpu_and_tensor_parallelism():
 
 
 def test_cpu_plan_gives_each_engine_the_cpus_of_its_cores_and_fits_the_embedded_cluster():
-    from orchestrator.stages import logical_cpus
+    from orchestrator.placement import logical_cpus
 
     cfg = config(recipe="tiny-cpu.yaml")
     plan = ResourcePlan.from_config(cfg, node_cores=2)

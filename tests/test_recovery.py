@@ -18,7 +18,7 @@ DATA = REPO_ROOT / "tests" / "fixtures" / "data" / "gsm8k.jsonl"
 def test_gather_shards_redoes_dead_workers_only():
     import ray
 
-    from orchestrator.recovery import WorkerLostError, gather_shards
+    from opsd.actors import WorkerLostError, gather_shards
 
     @ray.remote(num_cpus=0)
     class Worker:
@@ -65,9 +65,9 @@ def test_killed_rollout_and_teacher_workers_are_replaced_and_rows_come_back_once
     import ray
 
     from orchestrator.config import load_config
-    from orchestrator.sampler import EpochSampler
     from orchestrator.data import load_dataset
-    from orchestrator.stages import start_stages
+    from orchestrator.sampler import EpochSampler
+    from orchestrator.stages import Stages
 
     cfg = load_config(REPO_ROOT / "recipes" / "tiny-cpu.yaml", [
         f"model.path={tiny_model_dir}", f"data.path={DATA}", "data.limit=null", "rollout.num_workers=2",
@@ -76,35 +76,74 @@ def test_killed_rollout_and_teacher_workers_are_replaced_and_rows_come_back_once
     problems = EpochSampler(load_dataset(cfg.data, required=("problem", "solution"))[0], 4, seed=0).next_batch()
     with local_ray(num_cpus=4):
         log: list[str] = []
-        stages = start_stages(cfg, total_steps=1, log=log.append)
+        stages = Stages.start(cfg, total_steps=1, log=log.append)
+        rollout, teacher = stages.rollout, stages.teacher
         try:
-            expected = stages.collect_rollouts(stages.launch_rollouts(problems))
-            expected_scored = stages.score(expected)[0]
+            expected = rollout.collect(rollout.launch(problems))
+            expected_scored = teacher.score(expected.tables).tables.fetch()
 
-            batch = stages.launch_rollouts(problems)
-            dead = stages.rollout[0]
+            batch = rollout.launch(problems)
+            dead = rollout.actors[0]
             ray.kill(dead)
-            got = stages.collect_rollouts(batch)
-            assert stages.replaced["rollout"] == 1 and stages.rollout[0] is not dead
+            got = rollout.collect(batch)
+            assert rollout.replaced == 1 and rollout.actors[0] is not dead
             assert any("rollout worker 0 died" in line for line in log)
             # Same rows, once each, in order, with the same traces (per-row seeds): nothing dropped or doubled.
-            assert got.column("sample_id").to_pylist() == expected.column("sample_id").to_pylist()
-            assert got.column("response_ids").to_pylist() == expected.column("response_ids").to_pylist()
-            ray.get(stages.rollout[0].info.remote(), timeout=60)  # the replacement serves
+            assert got.summary.sample_ids == expected.summary.sample_ids
+            got_table = got.tables.fetch()
+            assert got_table.column("response_ids").to_pylist() == \
+                expected.tables.fetch().column("response_ids").to_pylist()
+            ray.get(rollout.actors[0].info.remote(), timeout=60)  # the replacement serves
 
-            ray.kill(stages.teachers[0])
-            scored = stages.score(got)[0]
-            assert stages.replaced["teacher"] == 1
-            assert scored.column("teacher_topk_ids").to_pylist() == expected_scored.column("teacher_topk_ids").to_pylist()
+            ray.kill(teacher.actors[0])
+            scored = teacher.score(got.tables)
+            assert teacher.replaced == 1 and stages.replaced == 2
+            assert scored.tables.fetch().column("teacher_topk_ids").to_pylist() == \
+                expected_scored.column("teacher_topk_ids").to_pylist()
 
             # After an update, a replacement worker serves the adapter version the others serve.
-            assert not stages.learner.train_step(scored).skipped
-            stages.push_adapter(stages.learner.export_adapter())
-            batch = stages.launch_rollouts(problems)
-            ray.kill(stages.rollout[1])
-            got = stages.collect_rollouts(batch)
-            assert stages.replaced["rollout"] == 2
-            assert set(got.column("policy_version").to_pylist()) == {1}
-            assert got.column("sample_id").to_pylist() == expected.column("sample_id").to_pylist()
+            assert not stages.learner.train_step(scored.tables).skipped
+            rollout.load_adapter(stages.learner.export_adapter())
+            batch = rollout.launch(problems)
+            ray.kill(rollout.actors[1])
+            got = rollout.collect(batch)
+            assert rollout.replaced == 2
+            assert set(got.summary.policy_versions) == {1}
+            assert got.summary.sample_ids == expected.summary.sample_ids
         finally:
             stages.shutdown()
+
+
+def test_a_hung_rollout_worker_is_replaced_after_the_call_timeout(tiny_model_dir):
+    """A worker that stops answering (here: blocked in a long call) counts as lost once the per-call timeout
+    passes: it is replaced and its shard sent again."""
+    from opsd.model import ModelSpec
+    from rollout.config import RolloutConfig
+    from rollout.pool import RolloutPool
+
+    config = RolloutConfig(num_workers=1, gpus_per_worker=0, cpu_kv_cache_gib=0.25, max_model_len=256,
+                           max_response_tokens=4, temperature=1.0)
+    problems = problem_batch()
+    with local_ray(num_cpus=2):
+        log: list[str] = []
+        pool = RolloutPool(ModelSpec(str(tiny_model_dir)), config, call_timeout_s=120, log=log.append)
+        try:
+            expected = pool.collect(pool.launch(problems))
+            pool.actors[0].__ray_call__.remote(lambda self: __import__("time").sleep(600))  # the worker hangs
+            batch = pool.launch(problems)
+            got = pool.collect(batch, timeout_s=15)
+            assert pool.replaced == 1 and any("did not answer within 15 s" in line for line in log)
+            assert got.summary.sample_ids == expected.summary.sample_ids
+            assert got.tables.fetch().column("response_ids").to_pylist() == \
+                expected.tables.fetch().column("response_ids").to_pylist()
+        finally:
+            pool.shutdown(timeout_s=5)
+
+
+def problem_batch():
+    from orchestrator.config import DataConfig
+    from orchestrator.data import load_dataset
+    from orchestrator.sampler import EpochSampler
+
+    table, _ = load_dataset(DataConfig(path=str(DATA), mapping="gsm8k"), required=("problem", "solution"))
+    return EpochSampler(table, 2, seed=0).next_batch()

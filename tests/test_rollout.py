@@ -15,13 +15,16 @@ from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir
 from opsd.configlib import ConfigError
 from opsd.schema import PROBLEM_SCHEMA, TableError, TableMetadata, check_table, sample_id, with_metadata
 from rollout.config import RolloutConfig, resolve_adapter_serving
-from rollout.resources import ModelSpec, cpu_cores_for, engine_launch, scoped_environ
-from rollout.sharding import merge_tables, shard_bounds, shard_rows
+from opsd.lora import VLLM_LORA_RANKS, engine_lora_rank
+from opsd.model import ModelSpec
+from opsd.schema import parse_sample_id
+from opsd.tables import TableRefs, concat_tables, shard_bounds, shard_rows
+from rollout.resources import cpu_cores_for, engine_launch, scoped_environ
 from rollout.table import (
     RolloutStats,
+    RolloutSummary,
     Trace,
     check_no_rollout_columns,
-    parse_sample_id,
     rollout_sample_ids,
     rollout_stats,
     rollout_table,
@@ -102,27 +105,41 @@ def test_shard_rows_are_balanced_contiguous_and_cover_the_batch(rows, workers):
     assert shard_bounds(rows, workers)[-1][1] == rows
 
 
-def test_merge_tables_restores_batch_order_keeps_prompt_groups_and_sums_stats():
+def test_concat_tables_restores_batch_order_and_summaries_sum_stats():
     batch = problems(5)
     shards = shard_rows(batch, 3)
     outputs = [fake_rollouts(s, n=2, skipped=(f"skipped{i}",)) for i, s in enumerate(shards)]
-    merged = merge_tables(outputs)
+    merged = concat_tables(outputs)
     check_table(merged, "rollouts")
     expected = [sid for p in batch.column("sample_id").to_pylist() for sid in rollout_sample_ids(p, 2)]
     assert merged.column("sample_id").to_pylist() == expected
-    stats = rollout_stats(merged)
+    summary = RolloutSummary.merge([RolloutSummary.of(t) for t in outputs])
+    assert list(summary.sample_ids) == expected and summary.rows == 10
+    assert summary.response_lengths == (2,) * 10 and set(summary.policy_versions) == {0}
+    stats = summary.stats
     assert (stats.prompts, stats.samples, stats.generated_tokens, stats.truncated) == (5, 10, 20, 10)
     assert stats.skipped_ids == ("skipped0", "skipped1", "skipped2") and stats.skipped == 3
     assert stats.generate_seconds == pytest.approx(3.0)
 
 
-def test_merge_tables_handles_empty_shards_and_refuses_other_models():
+def test_concat_tables_handles_empty_shards_and_refuses_other_models():
     batch = problems(1)
     outputs = [fake_rollouts(s, n=1) for s in shard_rows(batch, 3)]
-    assert merge_tables(outputs).num_rows == 1
+    assert concat_tables(outputs).num_rows == 1
     other = with_metadata(outputs[1], replace(META, tokenizer="other"))
     with pytest.raises(TableError, match="different models"):
-        merge_tables([outputs[0], other])
+        concat_tables([outputs[0], other])
+
+
+@pytest.mark.parametrize("rows,workers", [((3, 0, 2), 2), ((5,), 3), ((1, 1, 1, 1), 3), ((0,), 2), ((2, 2), 1)])
+def test_table_refs_pieces_cover_every_row_once_in_order_balanced(rows, workers):
+    refs = TableRefs(tuple(range(len(rows))), rows)
+    pieces = refs.pieces(workers)
+    assert len(pieces) == workers
+    covered = [(shard, r) for worker in pieces for shard, start, stop in worker for r in range(start, stop)]
+    assert covered == [(shard, r) for shard, n in enumerate(rows) for r in range(n)]
+    sizes = [sum(stop - start for _, start, stop in worker) for worker in pieces]
+    assert max(sizes) - min(sizes) <= 1
 
 
 # -- resources -----------------------------------------------------------------------------------------------------
@@ -137,8 +154,9 @@ def test_cpu_cores_for_gives_each_worker_its_own_cores():
 
 
 def test_engine_launch_on_cpu_sets_kv_cache_in_process_engine_and_cores():
-    config = RolloutConfig(gpus_per_worker=0, cpu_kv_cache_gib=0.5, max_lora_rank=8, max_model_len=512)
-    launch = engine_launch(ModelSpec("/models/m"), config, on_cpu=True, lora_layers=["v_proj", "q_proj"], cpu_cores=[1])
+    config = RolloutConfig(gpus_per_worker=0, cpu_kv_cache_gib=0.5, max_model_len=512)
+    launch = engine_launch(ModelSpec("/models/m"), config, on_cpu=True, lora_layers=["v_proj", "q_proj"],
+                           max_lora_rank=8, cpu_cores=[1])
     assert launch.kwargs["kv_cache_memory_bytes"] == 512 * 2**20
     assert launch.kwargs["distributed_executor_backend"] == "uni"
     assert launch.kwargs["dtype"] == "float32" and launch.kwargs["enforce_eager"] is True
@@ -158,7 +176,7 @@ def test_engine_launch_on_cpu_sets_kv_cache_in_process_engine_and_cores():
 
 
 def test_engine_launch_without_lora_layers_builds_an_engine_without_lora():
-    config = RolloutConfig(gpus_per_worker=0, cpu_kv_cache_gib=0.5, max_lora_rank=8, max_model_len=512)
+    config = RolloutConfig(gpus_per_worker=0, cpu_kv_cache_gib=0.5, max_model_len=512)
     launch = engine_launch(ModelSpec("/models/m"), config, on_cpu=True, lora_layers=None, cpu_cores=[0])
     lora_keys = {"enable_lora", "max_lora_rank", "lora_target_modules", "max_loras", "max_cpu_loras"}
     assert lora_keys.isdisjoint(launch.kwargs)
@@ -207,10 +225,12 @@ def test_scoped_environ_restores_the_callers_environment(monkeypatch):
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
 
 
-def test_rollout_config_checks_lora_rank_and_long_prompt_policy():
-    RolloutConfig(max_lora_rank=8, on_long_prompt="skip").validate()
-    with pytest.raises(ConfigError, match="max_lora_rank.*must be one of 1, 8, 16"):
-        RolloutConfig(max_lora_rank=4).validate()
+def test_engine_lora_rank_is_the_smallest_vllm_rank_that_holds_the_adapter():
+    assert [engine_lora_rank(r) for r in (1, 2, 8, 9, 64, 300, 512)] == [1, 8, 8, 16, 64, 320, 512]
+    assert all(engine_lora_rank(r) == r for r in VLLM_LORA_RANKS)
+    with pytest.raises(ValueError, match="exceeds vLLM's largest, 512"):
+        engine_lora_rank(513)
+    RolloutConfig(on_long_prompt="skip").validate()
 
 
 def test_prompt_too_long_error_names_ids_and_survives_pickling():

@@ -64,7 +64,7 @@ def rows_of(table: pa.Table) -> list[dict]:
 
 
 def greedy(**overrides):
-    from rollout.worker import Sampling
+    from opsd.sampling import Sampling
 
     return replace(Sampling(temperature=0.0, top_p=1.0, top_k=-1, n=1, max_tokens=MAX_TOKENS, seed=0), **overrides)
 
@@ -103,8 +103,7 @@ def setup(tiny_model_dir: Path, qwen3_tokenizer, tmp_path_factory):
 @pytest.fixture(scope="module")
 def config() -> RolloutConfig:
     return RolloutConfig(num_workers=1, gpus_per_worker=0, cpu_kv_cache_gib=0.25, max_model_len=512,
-                         max_response_tokens=MAX_TOKENS, max_lora_rank=8, temperature=1.0, seed=0,
-                         adapter_serving="lora")
+                         max_response_tokens=MAX_TOKENS, temperature=1.0, seed=0, adapter_serving="lora")
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +111,17 @@ def engines(setup, config):
     """(worker, skipper): two engines started concurrently, on cores 0 and 1."""
     import ray
 
-    from rollout.actor import RolloutActor, actor_options, start_rollout_actors
-    from rollout.resources import ModelSpec
+    from opsd.model import ModelSpec
+    from rollout.pool import RolloutActor
 
     model = ModelSpec(str(setup["model_dir"]))
     with local_ray(num_cpus=2):
         skip_config = replace(config, on_long_prompt="skip")
-        skipper = RolloutActor.options(**actor_options(skip_config, [1])).remote(
-            model, skip_config, worker_index=1, cpu_cores=[1])
-        (worker,) = start_rollout_actors(model, config, cpu_cores=[[0]], timeout_s=TIMEOUT_S)
-        get(skipper.info.remote())
+        skipper = RolloutActor.options(num_cpus=1).remote(model, skip_config, worker_index=1, cpu_cores=[1],
+                                                           max_lora_rank=8)
+        worker = RolloutActor.options(num_cpus=1).remote(model, config, worker_index=0, cpu_cores=[0],
+                                                          max_lora_rank=8)
+        get([worker.info.remote(), skipper.info.remote()])
         try:
             yield worker, skipper
         finally:
@@ -148,9 +148,7 @@ def assert_equals_reference(table: pa.Table, reference, eos: set[int]) -> None:
 
 # -- tests ---------------------------------------------------------------------------------------------------------
 def test_each_engine_runs_in_its_actor_bound_to_its_own_core(engines, setup):
-    from rollout.actor import worker_infos
-
-    infos = worker_infos(engines)
+    infos = get([engine.info.remote() for engine in engines])
     assert [(i.cpu_cores, i.affinity, i.torch_threads) for i in infos] == [((0,), (0,), 1), ((1,), (1,), 1)]
     assert infos[0].pid != infos[1].pid and all(i.on_cpu for i in infos)
     assert {(i.vocab_size, i.max_model_len) for i in infos} == {(151_936, 512)}
@@ -251,21 +249,35 @@ def test_seeded_sampling_is_reproducible_and_n_gives_distinct_ids(worker):
     assert first.column("problem").to_pylist() == [p for p in PROBLEMS for _ in range(3)]
 
 
-def test_two_actors_generate_concurrently_and_merge_in_order(engines, setup):
-    from rollout.actor import generate_sharded, load_adapter_on_all
+def test_a_pool_of_two_workers_serves_one_version_and_merges_shards_in_order(engines, setup, config):
+    from opsd.model import ModelSpec
+    from rollout.pool import RolloutPool
 
-    v1 = read_adapter_dir(setup["v1"], version=5)
-    infos = load_adapter_on_all(engines, 5, v1, timeout_s=TIMEOUT_S)
-    assert [i.version for i in infos] == [5, 5]
-    batch = problem_table(PROBLEMS[:3] * 2, prefix="q", epoch=1)
-    sampling = greedy(temperature=1.0, n=2, seed=5)
-    merged = generate_sharded(engines, batch, sampling, timeout_s=TIMEOUT_S)
-    check_table(merged, "rollouts")
-    assert merged.column("sample_id").to_pylist() == [sample_id(f"q{i}", 1, r) for i in range(6) for r in range(2)]
-    assert merged.column("policy_version").to_pylist() == [5] * 12
-    assert rollout_stats(merged).samples == 12
-    # Per-trace seeds: the two workers' rows are exactly what one worker makes of the whole batch.
-    assert rows_of(merged) == rows_of(get(engines[0].generate.remote(batch, sampling)))
+    # Two more engines on the same two cores (the module's actors hold the Ray CPUs): the pool's own actors.
+    pool = RolloutPool(ModelSpec(str(setup["model_dir"])), replace(config, num_workers=2, cpu_threads_per_worker=1),
+                       actor_options=[{"num_cpus": 0}] * 2, max_lora_rank=8, call_timeout_s=TIMEOUT_S)
+    try:
+        v1 = read_adapter_dir(setup["v1"], version=5)
+        pool.load_adapter(v1)
+        assert [i.version for i in get([a.load_adapter.remote(5, v1) for a in pool.actors])] == [5, 5]
+        assert pool.version == 5 and [i.policy_version for i in pool.infos()] == [5, 5]
+        batch = problem_table(PROBLEMS[:3] * 2, prefix="q", epoch=1)
+        sampling = greedy(temperature=1.0, n=2, seed=5)
+        rollouts = pool.collect(pool.launch(batch, sampling))
+        expected_ids = [sample_id(f"q{i}", 1, r) for i in range(6) for r in range(2)]
+        # The driver holds refs and a summary; the rows stay in the object store until a stage reads them.
+        assert rollouts.tables.rows == (6, 6) and list(rollouts.summary.sample_ids) == expected_ids
+        assert set(rollouts.summary.policy_versions) == {5} and rollouts.summary.stats.samples == 12
+        merged = rollouts.tables.fetch()
+        check_table(merged, "rollouts")
+        assert merged.column("sample_id").to_pylist() == expected_ids
+        assert list(rollouts.summary.response_lengths) == [len(r) for r in merged.column("response_ids").to_pylist()]
+        # Per-trace seeds: the two workers' rows are exactly what one worker makes of the whole batch.
+        get(engines[0].load_adapter.remote(5, v1))
+        assert rows_of(merged) == rows_of(get(engines[0].generate.remote(batch, sampling)))
+        assert rows_of(pool.generate(batch, sampling)) == rows_of(merged)
+    finally:
+        pool.shutdown()
 
 
 def test_overlong_prompt_is_rejected_by_sample_id_before_generation(worker):

@@ -35,7 +35,7 @@ LOGPROB_ATOL = 1e-4
 
 def config(**overrides) -> RolloutConfig:
     return RolloutConfig(num_workers=1, gpus_per_worker=0, cpu_kv_cache_gib=0.25, max_model_len=512,
-                         max_response_tokens=MAX_TOKENS, max_lora_rank=8, seed=0, **overrides)
+                         max_response_tokens=MAX_TOKENS, seed=0, **overrides)
 
 
 def assert_equals_reference(table: pa.Table, reference, version: int) -> None:
@@ -56,15 +56,15 @@ def engines(tiny_model_dir: Path, smollm2_dir: Path):
     waits for it (and raises its start error, if any)."""
     import ray
 
-    from rollout.actor import RolloutActor, actor_options
-    from rollout.resources import ModelSpec
+    from opsd.model import ModelSpec
+    from rollout.pool import RolloutActor
 
     with local_ray(num_cpus=2):
         actors = {}
         for name, model_dir, rollout_config, core in (("tiny", tiny_model_dir, config(), 0),
                                                       ("smollm2", smollm2_dir, config(adapter_serving="merged"), 1)):
-            actors[name] = RolloutActor.options(**actor_options(rollout_config, [core])).remote(
-                ModelSpec(str(model_dir)), rollout_config, worker_index=core, cpu_cores=[core])
+            actors[name] = RolloutActor.options(num_cpus=1).remote(
+                ModelSpec(str(model_dir)), rollout_config, worker_index=core, cpu_cores=[core], max_lora_rank=8)
         try:
             yield actors
         finally:

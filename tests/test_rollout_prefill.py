@@ -21,10 +21,8 @@ LONG = "A train leaves a station at 9:00 and travels at 60 km/h toward a town 24
 
 
 def test_more_prompt_tokens_than_one_step_holds(tiny_model_dir):
-    import ray
-
-    from rollout.actor import start_rollout_actors, stop_rollout_actors
-    from rollout.resources import ModelSpec
+    from opsd.model import ModelSpec
+    from rollout.pool import RolloutPool
 
     rows = 48  # ~130 tokens each: ~6,000 prompt tokens, past the 4,096 a step holds with chunked prefill
     problems = pa.table({"sample_id": [sample_id(f"p{i}", 0, 0) for i in range(rows)],
@@ -33,11 +31,11 @@ def test_more_prompt_tokens_than_one_step_holds(tiny_model_dir):
     config = RolloutConfig(gpus_per_worker=0, max_response_tokens=4, temperature=1.0, cpu_kv_cache_gib=0.5,
                            cpu_threads_per_worker=1, max_model_len=1024)
     with local_ray(num_cpus=2):
-        [actor] = start_rollout_actors(ModelSpec(str(tiny_model_dir)), config, timeout_s=300)
+        pool = RolloutPool(ModelSpec(str(tiny_model_dir)), config, call_timeout_s=300)
         try:
-            table = ray.get(actor.generate.remote(problems), timeout=300)
+            table = pool.generate(problems)
         finally:
-            stop_rollout_actors([actor])
+            pool.shutdown()
     assert table.column("sample_id").to_pylist() == problems.column("sample_id").to_pylist()
     assert sum(len(p) for p in table.column("prompt_ids").to_pylist()) > 4096
     assert all(len(r) >= 1 for r in table.column("response_ids").to_pylist())

@@ -31,7 +31,7 @@ def tiny_config(model_dir: Path, run_dir: Path, *overrides: str) -> OPSDConfig:
     return load_config(REPO_ROOT / "recipes" / "tiny-cpu.yaml", [
         f"model.path={model_dir}", f"data.path={DATA}", "data.limit=null", "train.prompts_per_step=1",
         "rollout.max_response_tokens=8", f"train.run_dir={run_dir}", "train.checkpoint_every=2",
-        "rollout.cpu_threads_per_worker=1", "train.eval_rows=1", "learner.optim.lr=5e-3", *overrides,
+        "rollout.cpu_threads_per_worker=1", "train.heldout_rows=1", "learner.optim.lr=5e-3", *overrides,
     ])
 
 

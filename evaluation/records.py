@@ -11,9 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from orchestrator.evaluation.extract import vote_key
-from orchestrator.evaluation.grading import GRADE_STATUSES
-from orchestrator.evaluation.metrics import Estimate, ProblemScore, majority_correct, score_benchmark
+from evaluation.extract import vote_key
+from evaluation.grading import GRADE_STATUSES
+from evaluation.scores import Estimate, ProblemScore, majority_correct, score_benchmark
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from typing import Any, Mapping
 
 from opsd.atomic import atomic_directory
 from opsd.errors import UserInputError
-from orchestrator.evaluation.metrics import Estimate, ProblemScore, default_ks, paired_difference
-from orchestrator.evaluation.records import BenchmarkResult, EvalResult, SampleRecord, problem_scores
+from evaluation.scores import Estimate, ProblemScore, default_ks, paired_difference
+from evaluation.records import BenchmarkResult, EvalResult, SampleRecord, problem_scores
 
 SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"

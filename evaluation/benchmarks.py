@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from orchestrator.data import DataError, load_problems, mapping_with_columns
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 

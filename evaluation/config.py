@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from opsd.configlib import check
-from rollout.config import check_sampling
+from opsd.sampling import check_sampling
 
 
 @dataclass
@@ -84,6 +84,6 @@ class EvalConfig:
         check(self.generate_timeout_s > 0, "generate_timeout_s", f"must be > 0, got {self.generate_timeout_s}")
 
     def ks(self) -> tuple[int, ...]:
-        from orchestrator.evaluation.metrics import default_ks
+        from evaluation.scores import default_ks
 
         return tuple(sorted(set(self.pass_k))) if self.pass_k else default_ks(self.n)

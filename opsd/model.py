@@ -1,0 +1,94 @@
+"""The base model every stage loads (the run config's ``model`` section), and the dtype rule the stages share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from opsd.configlib import check
+
+if TYPE_CHECKING:
+    import torch
+
+DtypeName = Literal["auto", "float32", "bfloat16"]
+
+
+@dataclass
+class ModelSpec:
+    """The model that is both student (plus LoRA) and frozen teacher."""
+
+    path: str = field(
+        default="Qwen/Qwen3-1.7B", metadata={"doc": "Hugging Face model id or local directory of the base model."}
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"doc": "Tokenizer id or directory. None: the same as path."}
+    )
+    revision: str | None = field(
+        default=None,
+        metadata={"doc": "Hub revision (branch, tag or commit) of path and tokenizer. None: the default branch."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "doc": "Run Python code shipped with the model repository. Off unless you turn it on for a model you trust."
+        },
+    )
+    dtype: DtypeName = field(
+        default="auto",
+        metadata={
+            "doc": "Weight dtype of the rollout engines (vLLM). 'auto': bfloat16 on GPU, float32 on CPU. "
+            "teacher.dtype and learner.dtype set the other stages."
+        },
+    )
+
+    def validate(self) -> None:
+        check(bool(self.path.strip()), "path", "must name a Hugging Face model id or a local directory")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.path
+
+    def load_tokenizer(self) -> Any:
+        from opsd.hf import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_path, self.revision, self.trust_remote_code)
+
+    def load_config(self) -> Any:
+        """The model's Hugging Face config (``AutoConfig``)."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path, revision=self.revision, trust_remote_code=self.trust_remote_code)
+
+    def context_length(self) -> int | None:
+        """The model's longest sequence (``max_position_embeddings``): what vLLM uses when max_model_len is unset."""
+        from opsd.errors import UserInputError
+
+        try:
+            config = self.load_config()
+        except (OSError, ValueError) as exc:
+            raise UserInputError(f"cannot read the model config of {self.path!r}: {exc}") from exc
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    def engine_dtype(self, on_cpu: bool) -> str:
+        """The rollout engines' dtype name."""
+        return dtype_name(self.dtype, on_gpu=not on_cpu)
+
+
+def as_model_spec(model: ModelSpec | str) -> ModelSpec:
+    return ModelSpec(path=model) if isinstance(model, str) else model
+
+
+def dtype_name(name: DtypeName | str, on_gpu: bool) -> str:
+    """``auto`` is bfloat16 on GPU and float32 on CPU (CPU kernels are fastest and exact in float32)."""
+    if name == "auto":
+        return "bfloat16" if on_gpu else "float32"
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {name!r}")
+    return name
+
+
+def resolve_dtype(name: DtypeName | str, on_gpu: bool) -> torch.dtype:
+    import torch
+
+    return getattr(torch, dtype_name(name, on_gpu))
