@@ -20,7 +20,7 @@ against a float64 autograd reference.
 Gradient. Group the vocabulary into categories c with student mass P_c and teacher mass Q_c (each token alone for
 'full'; the teacher's top-k ids plus one tail bucket for 'topk_tail'). With g_c = dD/dP_c:
 
-    0 < beta < 1:  g_c = (1 - beta) (log P_c - log M_c)      (the other terms cancel since sum m = 1)
+    0 < beta < 1:  g_c = (1 - beta) (log P_c - log M_c)      (the other terms cancel, entry by entry)
     beta = 1:      g_c = log P_c - log Q_c
     dD/du_i = p_i (g_c(i) - sum_c P_c g_c)                   u = z / tau, i in category c(i)
     beta = 0:      dD/du_i = p_i - Q_c(i) p_i / P_c(i)        (computed in log space)
@@ -42,10 +42,10 @@ Clipping (``clip_mode``, with the threshold ``clip``; ``clip=None`` turns clippi
              gradient that implies (a capped category drops out, see below). The per-entry terms are
                  beta = 0:      t_c = Q_c log(Q_c / P_c)        (can be negative, and so can D_clip)
                  beta = 1:      t_c = P_c log(P_c / Q_c)        (can be negative, and so can D_clip)
-                 0 < beta < 1:  t_c = beta Q_c log(Q_c / M_c) + (1 - beta) P_c log(P_c / M_c)   (>= 0: log-sum inequality)
+                 0 < beta < 1:  t_c = beta Q_c log(Q_c / M_c) + (1 - beta) P_c log(P_c / M_c)   (>= 0: log-sum ineq.)
              i.e. the mixture-form GJS term is capped as a whole, not its two KL parts. Categories: the V tokens
-             ('full'), the k ids + the tail bucket ('topk_tail'), the k renormalised ids ('topk_renorm'). 'sampled_token'
-             has one term per token, so pointwise is the token clip there.
+             ('full'), the k ids + the tail bucket ('topk_tail'), the k renormalised ids ('topk_renorm').
+             'sampled_token' has one term per token, so pointwise is the token clip there.
   none       no clipping (``clip`` must then be None).
   Source of the pointwise semantics: the paper authors' code, siyan-zhao/OPSD ``opsd_trainer.py``
   ``generalized_jsd_loss(..., token_clip)`` (``--jsd_token_clip 0.05`` in their scripts): ``jsd.clamp(max=token_clip)``
@@ -408,14 +408,16 @@ def _category_divergence(S: torch.Tensor, T: torch.Tensor, beta: float, clip: fl
     what the gradient needs: dD/du for a logit u_i of category c is P_i (g_c - g_mean) (beta = 0: see callers).
 
     With ``clip`` each category's term t_c is capped at it (the pointwise clip); the unclipped sum is still returned.
-    Without, nothing per entry is materialised beyond what the sums need."""
+    Without, nothing per entry is materialised beyond what the sums need. With a clip and beta = 1, T is overwritten
+    (the callers own it and need it afterwards only for beta = 0)."""
     if beta == 0.0:
         if clip is None:
             return _Divergence(_rowdot(T.exp(), T - S))
         return _clip_terms((T - S).mul_(T.exp()), clip)  # t_c = Q_c (log Q_c - log P_c)
     P = S.exp()
     if beta == 1.0:
-        g = S - T
+        # T is not needed again: with a clip its memory holds g, leaving room for the per-entry terms (-T + S == S - T).
+        g = S - T if clip is None else T.neg_().add_(S)
         if clip is None:
             value = _rowdot(P, g)
             return _Divergence(value, P=P, g=g, g_mean=value.unsqueeze(-1))
