@@ -20,7 +20,7 @@ against a float64 autograd reference.
 Gradient. Group the vocabulary into categories c with student mass P_c and teacher mass Q_c (each token alone for
 'full'; the teacher's top-k ids plus one tail bucket for 'topk_tail'). With g_c = dD/dP_c:
 
-    0 < beta < 1:  g_c = (1 - beta) (log P_c - log M_c)      (the other terms cancel since sum m = 1)
+    0 < beta < 1:  g_c = (1 - beta) (log P_c - log M_c)      (the other terms cancel, entry by entry)
     beta = 1:      g_c = log P_c - log Q_c
     dD/du_i = p_i (g_c(i) - sum_c P_c g_c)                   u = z / tau, i in category c(i)
     beta = 0:      dD/du_i = p_i - Q_c(i) p_i / P_c(i)        (computed in log space)
@@ -36,7 +36,29 @@ Variants ("kind"):
                  estimate log p(y) - log q(y) of KL(p || q); the gradient is its score-function estimator
                  (log p(y) - log q(y)) * grad log p(y), i.e. the gradient of -(advantage.detach() * log p(y)).
 
-Per-token clip: a token's divergence is replaced by min(D, clip); a clipped token contributes no gradient.
+Clipping (``clip_mode``, with the threshold ``clip``; ``clip=None`` turns clipping off whatever the mode):
+  token      a token's divergence D is replaced by min(D, clip); a clipped token contributes no gradient.
+  pointwise  each category's term t_c (D = sum_c t_c) is capped before the sum: D_clip = sum_c min(t_c, clip), with the
+             gradient that implies (a capped category drops out, see below). The per-entry terms are
+                 beta = 0:      t_c = Q_c log(Q_c / P_c)        (can be negative, and so can D_clip)
+                 beta = 1:      t_c = P_c log(P_c / Q_c)        (can be negative, and so can D_clip)
+                 0 < beta < 1:  t_c = beta Q_c log(Q_c / M_c) + (1 - beta) P_c log(P_c / M_c)   (>= 0: log-sum ineq.)
+             i.e. the mixture-form GJS term is capped as a whole, not its two KL parts. Categories: the V tokens
+             ('full'), the k ids + the tail bucket ('topk_tail'), the k renormalised ids ('topk_renorm').
+             'sampled_token' has one term per token, so pointwise is the token clip there.
+  none       no clipping (``clip`` must then be None).
+  Source of the pointwise semantics: the paper authors' code, siyan-zhao/OPSD ``opsd_trainer.py``
+  ``generalized_jsd_loss(..., token_clip)`` (``--jsd_token_clip 0.05`` in their scripts): ``jsd.clamp(max=token_clip)``
+  on the unreduced [B, T, V] ``F.kl_div(reduction="none")`` terms (after the beta-mixing for 0 < beta < 1), before the
+  mask and the vocabulary sum; in its ``top_k`` mode (our 'topk_renorm') on the k renormalised terms. Its maintainers
+  confirm in siyan-zhao/OPSD issue #2 that this per-vocabulary clip (negative losses included) is intended. That code
+  never clips the sampled-token loss, and has no top-k + tail bucket: the clip of those two here is our extension.
+  ``num_clipped / num_clip_entries`` (tokens, or token x category entries) is the step's ``clip_fraction``.
+
+Pointwise-clip gradient: with keep_c = [t_c <= clip], g_c = keep_c dt_c/dP_c in dD/du_i = p_i (g_c(i) - sum_c P_c g_c):
+    0 < beta < 1:  dt_c/dP_c = (1 - beta) log(P_c / M_c) exactly, per entry (as above, nothing to cancel)
+    beta = 1:      dt_c/dP_c = log(P_c / Q_c) + 1: the +1 no longer cancels once categories are dropped
+    beta = 0:      dD/du_i = A p_i - keep_c(i) Q_c(i) p_i / P_c(i),  A = sum_c keep_c Q_c   (A = 1 unclipped)
 """
 
 from __future__ import annotations
@@ -50,6 +72,8 @@ import torch.nn.functional as F
 
 LossKind = Literal["full", "topk_tail", "topk_renorm", "sampled_token"]
 LOSS_KINDS: tuple[str, ...] = ("full", "topk_tail", "topk_renorm", "sampled_token")
+ClipMode = Literal["none", "token", "pointwise"]
+CLIP_MODES: tuple[str, ...] = ("none", "token", "pointwise")
 
 
 @dataclass(frozen=True)
@@ -101,7 +125,10 @@ class LossOutput:
     loss: torch.Tensor  # scalar (float32; float64 for float64 inputs): sum of clipped divergences / normalizer
     divergence_sum: torch.Tensor  # scalar, same dtype: sum of the unclipped per-token divergences
     num_tokens: int  # response tokens in this call
-    num_clipped: int  # tokens whose divergence exceeded the clip
+    num_clipped: int  # entries over the clip: tokens (token mode) or token x category entries (pointwise)
+    # Entries the clip was applied to: num_tokens (token mode), num_tokens x categories (pointwise: V, k + 1, k or 1
+    # by kind), 0 without clipping. clip_fraction = sum(num_clipped) / sum(num_clip_entries) over micro-batches/ranks.
+    num_clip_entries: int = 0
 
 
 def gjs_loss(
@@ -117,6 +144,7 @@ def gjs_loss(
     normalizer: float | None = None,
     chunk_size: int = 1024,
     clip: float | None = None,
+    clip_mode: ClipMode = "token",
 ) -> LossOutput:
     """Generalized JSD between the student (``hidden [..., H]`` through ``lm_head`` = ``weight [V, H]``, ``bias``)
     and ``teacher`` at every selected position.
@@ -124,8 +152,10 @@ def gjs_loss(
     ``mask [...]`` (bool) selects the response positions; teacher tensors share ``hidden``'s leading dims.
     ``normalizer``: the token count the sum is divided by (default: the tokens selected here). Pass the global
     batch's response-token count when the batch is split into micro-batches or ranks.
+    ``clip`` (> 0) with ``clip_mode`` 'token' (default) or 'pointwise': see the module docstring. ``clip=None`` means
+    no clipping in any mode; ``clip_mode='none'`` with a ``clip`` is a contradiction and raises ValueError.
     """
-    _check_arguments(hidden, weight, teacher, kind, beta, temperature, chunk_size, clip)
+    _check_arguments(hidden, weight, teacher, kind, beta, temperature, chunk_size, clip, clip_mode)
     lead = hidden.shape[:-1]
     if mask is not None:
         if mask.shape != lead or mask.dtype != torch.bool:
@@ -145,9 +175,15 @@ def gjs_loss(
     if normalizer <= 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
 
-    spec = _Spec(kind, type(teacher), float(beta), float(temperature), float(normalizer), int(chunk_size), clip)
+    # A sampled token has a single term: its pointwise clip is the token clip.
+    entry_wise = clip_mode == "pointwise" and kind != "sampled_token"
+    token_clip = None if entry_wise or clip is None else float(clip)
+    entry_clip = float(clip) if entry_wise and clip is not None else None
+    spec = _Spec(kind, type(teacher), float(beta), float(temperature), float(normalizer), int(chunk_size),
+                 token_clip, entry_clip)
     loss, divergence_sum, num_clipped = _FusedDivergence.apply(rows, weight, bias, spec, *teacher_tensors)
-    return LossOutput(loss, divergence_sum.detach(), num_tokens, int(num_clipped))
+    num_clip_entries = num_tokens * _clip_entries_per_token(spec, weight, teacher)
+    return LossOutput(loss, divergence_sum.detach(), num_tokens, int(num_clipped), num_clip_entries)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -163,7 +199,19 @@ class _Spec:
     temperature: float
     normalizer: float
     chunk_size: int
-    clip: float | None
+    token_clip: float | None  # clip of each token's divergence (clip_mode 'token'; 'pointwise' for sampled_token)
+    entry_clip: float | None  # clip of each category's term (clip_mode 'pointwise')
+
+
+def _clip_entries_per_token(spec: _Spec, weight: torch.Tensor, teacher: Teacher) -> int:
+    """How many entries of one token the clip is applied to (0 without clipping)."""
+    if spec.token_clip is not None:
+        return 1
+    if spec.entry_clip is None:
+        return 0
+    if spec.kind == "full":
+        return weight.shape[0]
+    return teacher.ids.shape[-1] + (1 if spec.kind == "topk_tail" else 0)
 
 
 def _tensors_of(teacher: Teacher) -> list[tuple[torch.Tensor | None, bool]]:
@@ -179,7 +227,7 @@ _KIND_TEACHER = {"full": FullTeacher, "topk_tail": TopKTeacher, "topk_renorm": T
                  "sampled_token": SampledTokenTeacher}
 
 
-def _check_arguments(hidden, weight, teacher, kind, beta, temperature, chunk_size, clip) -> None:
+def _check_arguments(hidden, weight, teacher, kind, beta, temperature, chunk_size, clip, clip_mode) -> None:
     if kind not in _KIND_TEACHER:
         raise ValueError(f"kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
     if not isinstance(teacher, _KIND_TEACHER[kind]):
@@ -192,6 +240,10 @@ def _check_arguments(hidden, weight, teacher, kind, beta, temperature, chunk_siz
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if clip is not None and not clip > 0:
         raise ValueError(f"clip must be > 0 or None, got {clip}")
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"clip_mode must be one of {', '.join(CLIP_MODES)}, got {clip_mode!r}")
+    if clip_mode == "none" and clip is not None:
+        raise ValueError(f"clip_mode 'none' contradicts clip={clip}: pass clip=None, or clip_mode 'token'/'pointwise'")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be [V, {hidden.shape[-1]}], got {tuple(weight.shape)}")
     if isinstance(teacher, FullTeacher) and teacher.logits is not None and teacher.logits.shape[-1] != weight.shape[0]:
@@ -214,7 +266,7 @@ class _FusedDivergence(torch.autograd.Function):
         grad_bias = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_bias else None
         loss_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
         divergence_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
-        num_clipped = 0
+        num_clipped = torch.zeros((), dtype=torch.int64, device=rows.device)  # read once at the end: no sync per chunk
         want_grad = need_rows or need_weight or need_bias
         scale = 1.0 / (spec.temperature * spec.normalizer)  # d(loss)/dz = d(D)/du / (tau * normalizer)
 
@@ -223,16 +275,20 @@ class _FusedDivergence(torch.autograd.Function):
             h = rows[start:end]
             student_logp = _log_softmax_tempered(F.linear(h, weight, bias), spec.temperature)
             teacher_chunk = _teacher_chunk(spec, teacher_tensors, start, end)
-            divergence, grad_u = _divergence_and_grad(spec, student_logp, teacher_chunk, want_grad)
+            divergence, clipped, chunk_clipped, grad_u = _divergence_and_grad(spec, student_logp, teacher_chunk,
+                                                                              want_grad)
             del student_logp
 
             divergence_sum += divergence.double().sum()
-            if spec.clip is not None:
-                keep = divergence <= spec.clip
-                num_clipped += int((~keep).sum())
-                loss_sum += torch.where(keep, divergence, torch.full_like(divergence, spec.clip)).double().sum()
+            keep = None
+            if spec.token_clip is not None:
+                keep = divergence <= spec.token_clip
+                num_clipped += (~keep).sum()
+                loss_sum += torch.where(keep, divergence, torch.full_like(divergence, spec.token_clip)).double().sum()
+            elif spec.entry_clip is not None:  # clipped per entry, gradient included, by _divergence_and_grad
+                num_clipped += chunk_clipped
+                loss_sum += clipped.double().sum()
             else:
-                keep = None
                 loss_sum += divergence.double().sum()
 
             if want_grad:
@@ -295,24 +351,33 @@ def _teacher_chunk(spec: _Spec, tensors, start: int, end: int):
     return [t[start:end] for t in tensors]
 
 
-def _divergence_and_grad(spec: _Spec, s: torch.Tensor, teacher, want_grad: bool):
-    """Per-token divergence ``[C]`` and its gradient w.r.t. the tempered student logits u ``[C, V]`` (or None)."""
+class _ChunkOutput(NamedTuple):
+    divergence: torch.Tensor  # [C] unclipped
+    clipped: torch.Tensor | None  # [C] sum of the pointwise-clipped terms (entry clip only)
+    num_clipped: torch.Tensor | None  # scalar: entries over the entry clip (entry clip only)
+    grad_u: torch.Tensor | None  # [C, V] d(loss before normalisation)/du, with the entry clip applied
+
+
+def _divergence_and_grad(spec: _Spec, s: torch.Tensor, teacher, want_grad: bool) -> _ChunkOutput:
+    """Per-token divergence ``[C]`` (unclipped and, with ``spec.entry_clip``, pointwise clipped) and the gradient of
+    the loss term w.r.t. the tempered student logits u ``[C, V]`` (or None). The token clip is the caller's."""
+    clip = spec.entry_clip
     if spec.kind == "full":
-        return _full(s, teacher, spec.beta, want_grad)
+        return _full(s, teacher, spec.beta, clip, want_grad)
     if spec.kind == "sampled_token":
         token_ids, teacher_logprob = teacher
         y = token_ids.long().unsqueeze(-1)
         divergence = s.gather(-1, y).squeeze(-1) - teacher_logprob.to(s.dtype)
         if not want_grad:
-            return divergence, None
+            return _ChunkOutput(divergence, None, None, None)
         grad_u = s.exp_().neg_()  # -p, in place of s
         grad_u.scatter_add_(-1, y, torch.ones_like(y, dtype=grad_u.dtype))  # onehot(y) - p
-        return divergence, grad_u.mul_(divergence.unsqueeze(-1))
+        return _ChunkOutput(divergence, None, None, grad_u.mul_(divergence.unsqueeze(-1)))
     ids, top_logprobs, tail_logprob = teacher
     ids = ids.long()
     if spec.kind == "topk_renorm":
-        return _topk_renorm(s, ids, top_logprobs.to(s.dtype), spec.beta, want_grad)
-    return _topk_tail(s, ids, top_logprobs.to(s.dtype), tail_logprob.to(s.dtype), spec.beta, want_grad)
+        return _topk_renorm(s, ids, top_logprobs.to(s.dtype), spec.beta, clip, want_grad)
+    return _topk_tail(s, ids, top_logprobs.to(s.dtype), tail_logprob.to(s.dtype), spec.beta, clip, want_grad)
 
 
 # Log-probs of empty categories (a tail when k = V, an underflowed teacher tail) are raised to this floor: exp() of it
@@ -326,60 +391,114 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class _Divergence(NamedTuple):
-    value: torch.Tensor  # [C]
-    P: torch.Tensor | None  # student category probs [C, K] (None for beta = 0)
-    g: torch.Tensor | None  # dD/dP_c up to a per-row constant [C, K] (None for beta = 0)
-    g_mean: torch.Tensor | None  # sum_c P_c g_c [C, 1]
+    value: torch.Tensor  # [C] unclipped
+    clipped: torch.Tensor | None = None  # [C] sum_c min(t_c, clip) (pointwise clip only)
+    num_clipped: torch.Tensor | None = None  # scalar: entries with t_c > clip (pointwise clip only)
+    keep: torch.Tensor | None = None  # [C, K] bool, t_c <= clip (pointwise clip only)
+    P: torch.Tensor | None = None  # student category probs [C, K] (None for beta = 0)
+    g: torch.Tensor | None = None  # dD/dP_c up to a per-row constant [C, K], 0 where clipped (None for beta = 0)
+    g_mean: torch.Tensor | None = None  # sum_c P_c g_c [C, 1]
+
+    def output(self, grad_u: torch.Tensor | None) -> _ChunkOutput:
+        return _ChunkOutput(self.value, self.clipped, self.num_clipped, grad_u)
 
 
-def _category_divergence(S: torch.Tensor, T: torch.Tensor, beta: float) -> _Divergence:
+def _category_divergence(S: torch.Tensor, T: torch.Tensor, beta: float, clip: float | None) -> _Divergence:
     """Divergence between category distributions given as finite log-probs ``[C, K]`` (student S, teacher T), with
-    what the gradient needs: dD/du for a logit u_i of category c is P_i (g_c - g_mean) (beta = 0: see callers)."""
+    what the gradient needs: dD/du for a logit u_i of category c is P_i (g_c - g_mean) (beta = 0: see callers).
+
+    With ``clip`` each category's term t_c is capped at it (the pointwise clip); the unclipped sum is still returned.
+    Without, nothing per entry is materialised beyond what the sums need. With a clip and beta = 1, T is overwritten
+    (the callers own it and need it afterwards only for beta = 0)."""
     if beta == 0.0:
-        return _Divergence(_rowdot(T.exp(), T - S), None, None, None)
+        if clip is None:
+            return _Divergence(_rowdot(T.exp(), T - S))
+        return _clip_terms((T - S).mul_(T.exp()), clip)  # t_c = Q_c (log Q_c - log P_c)
     P = S.exp()
     if beta == 1.0:
-        g = S - T
-        value = _rowdot(P, g)
-        return _Divergence(value, P, g, value.unsqueeze(-1))
-    log_m = torch.logaddexp(T + math.log(beta), S + math.log1p(-beta))
-    teacher_part = _rowdot(T.exp(), T - log_m)
-    g = (S - log_m).mul_(1.0 - beta)  # (1 - beta)(log P - log M); the other terms cancel since sum(m) = 1
-    del log_m
-    g_mean = _rowdot(P, g)
-    return _Divergence(beta * teacher_part + g_mean, P, g, g_mean.unsqueeze(-1))
+        # T is not needed again: with a clip its memory holds g, leaving room for the per-entry terms (-T + S == S - T).
+        g = S - T if clip is None else T.neg_().add_(S)
+        if clip is None:
+            value = _rowdot(P, g)
+            return _Divergence(value, P=P, g=g, g_mean=value.unsqueeze(-1))
+        terms = P * g  # t_c = P_c (log P_c - log Q_c)
+        g.add_(1.0)  # dt_c/dP_c = log P_c - log Q_c + 1: the 1 cancels only while every category is kept
+    else:
+        log_m = torch.logaddexp(T + math.log(beta), S + math.log1p(-beta))
+        if clip is None:
+            teacher_part = _rowdot(T.exp(), T - log_m)
+        else:
+            terms = (T - log_m).mul_(T.exp()).mul_(beta)  # beta Q_c (log Q_c - log M_c), the rest added below
+        g = (S - log_m).mul_(1.0 - beta)  # (1 - beta)(log P - log M) = dt_c/dP_c, per entry
+        del log_m
+        if clip is None:
+            g_mean = _rowdot(P, g)
+            return _Divergence(beta * teacher_part + g_mean, P=P, g=g, g_mean=g_mean.unsqueeze(-1))
+        terms.addcmul_(P, g)  # + (1 - beta) P_c (log P_c - log M_c)
+    clipped = _clip_terms(terms, clip)
+    del terms
+    g.mul_(clipped.keep)
+    return clipped._replace(P=P, g=g, g_mean=_rowdot(P, g).unsqueeze(-1))
 
 
-def _full(s: torch.Tensor, t: torch.Tensor, beta: float, want_grad: bool):
-    d = _category_divergence(s, t, beta)
+def _clip_terms(terms: torch.Tensor, clip: float) -> _Divergence:
+    """The unclipped and the pointwise-clipped sums of per-category terms ``[C, K]`` (clamped in place)."""
+    value = terms.sum(-1)
+    keep = terms <= clip
+    num_clipped = keep.numel() - keep.sum()
+    return _Divergence(value, terms.clamp_max_(clip).sum(-1), num_clipped, keep)
+
+
+def _forward_kl_kept(T: torch.Tensor, d: _Divergence) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """beta = 0: dD/du_i = A p_i - keep_c Q_c p_i / P_c with A = sum_c keep_c Q_c. Returns the teacher log-probs
+    with the clipped categories at -inf (in place: a dropped category then contributes exp(-inf) = 0 to the formulas
+    of the unclipped case), and A (None without a clip, where it is 1)."""
+    if d.keep is None:
+        return T, None
+    T = T.masked_fill_(~d.keep, float("-inf"))
+    return T, T.exp().sum(-1, keepdim=True)
+
+
+def _times(p: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    return p if scale is None else p.mul_(scale)
+
+
+def _full(s: torch.Tensor, t: torch.Tensor, beta: float, clip: float | None, want_grad: bool) -> _ChunkOutput:
+    d = _category_divergence(s, t, beta, clip)
     if not want_grad:
-        return d.value, None
+        return d.output(None)
     if beta == 0.0:
-        return d.value, s.exp_().sub_(t.exp_())  # p - q
-    return d.value, d.g.sub_(d.g_mean).mul_(d.P)
+        t, kept_mass = _forward_kl_kept(t, d)
+        return d.output(_times(s.exp_(), kept_mass).sub_(t.exp_()))  # A p - keep q
+    return d.output(d.g.sub_(d.g_mean).mul_(d.P))
 
 
-def _topk_tail(s, ids, top_logprobs, tail_logprob, beta, want_grad):
+def _topk_tail(s, ids, top_logprobs, tail_logprob, beta, clip, want_grad) -> _ChunkOutput:
     s_top = s.gather(-1, ids)
     s_tail = torch.logsumexp(s.scatter(-1, ids, float("-inf")), dim=-1)  # exact tail mass, no 1 - sum(top-k)
     S = torch.cat([s_top, s_tail.unsqueeze(-1)], dim=-1).clamp_min_(_LOGPROB_FLOOR)
     T = torch.cat([top_logprobs, tail_logprob.unsqueeze(-1)], dim=-1).clamp_min_(_LOGPROB_FLOOR)
-    d = _category_divergence(S, T, beta)
+    d = _category_divergence(S, T, beta, clip)
     if not want_grad:
-        return d.value, None
+        return d.output(None)
     if beta == 0.0:
-        # dD/du_i = p_i - Q_c p_i / P_c = p_i - exp(s_i - S_c + T_c); a top-k id is its own category (s_i = S_c).
+        # dD/du_i = A p_i - keep_c Q_c p_i / P_c = A p_i - exp(s_i - S_c + T_c); a top-k id is its own category.
+        T, kept_mass = _forward_kl_kept(T, d)
         q_share = (s - S[:, -1:] + T[:, -1:]).scatter_(-1, ids, T[:, :-1])
-        return d.value, s.exp_().sub_(q_share.exp_())
+        return d.output(_times(s.exp_(), kept_mass).sub_(q_share.exp_()))
     g_token = d.g[:, -1:].expand_as(s).clone().scatter_(-1, ids, d.g[:, :-1])  # each token gets its category's g
-    return d.value, s.exp_().mul_(g_token.sub_(d.g_mean))
+    return d.output(s.exp_().mul_(g_token.sub_(d.g_mean)))
 
 
-def _topk_renorm(s, ids, top_logprobs, beta, want_grad):
+def _topk_renorm(s, ids, top_logprobs, beta, clip, want_grad) -> _ChunkOutput:
     S = torch.log_softmax(s.gather(-1, ids), dim=-1)
     T = torch.log_softmax(top_logprobs, dim=-1)
-    d = _category_divergence(S, T, beta)
+    d = _category_divergence(S, T, beta, clip)
     if not want_grad:
-        return d.value, None
-    grad_top = S.exp().sub_(T.exp()) if beta == 0.0 else d.g.sub_(d.g_mean).mul_(d.P)
-    return d.value, torch.zeros_like(s).scatter_(-1, ids, grad_top)  # only the k logits move
+        return d.output(None)
+    if beta == 0.0:
+        T, kept_mass = _forward_kl_kept(T, d)
+        grad_top = _times(S.exp(), kept_mass).sub_(T.exp())
+    else:
+        grad_top = d.g.sub_(d.g_mean).mul_(d.P)
+    return d.output(torch.zeros_like(s).scatter_(-1, ids, grad_top))  # only the k logits move
