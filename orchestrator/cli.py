@@ -9,6 +9,8 @@
     opsd train --config FILE [k=v ...]         train (embedded Ray, or the cluster at RAY_ADDRESS)
     opsd quickstart                            what `make quickstart` runs
     opsd plot RUN_DIR [--out FILE]             loss, GJS, throughput and step-time curves of a run (PNG)
+    opsd export RUN_DIR|ADAPTER_DIR --out DIR [--merge] [--push-to-hub REPO]
+                                               the adapter (or the merged model), tokenizer and a model card
     opsd eval --model M [--adapter DIR] --bench aime24,gsm8k [--n 16] [--limit N] [--out DIR]
                                                avg@n, pass@k, maj@n per benchmark (RolloutWorkers on Ray)
     opsd eval --compare RUN_A RUN_B            two evaluation runs side by side, with paired 95% intervals
@@ -113,6 +115,20 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.export import check_repo_id, export, push_to_hub, resolve_source
+
+    if args.push_to_hub:
+        check_repo_id(args.push_to_hub)
+    source = resolve_source(args.source, version=args.version, base_model=args.base_model)
+    result = export(source, args.out, merge=args.merge, overwrite=args.overwrite, repo=args.push_to_hub)
+    what = f"merged model ({result.dtype})" if result.merged else f"adapter v{source.payload.version}"
+    print(f"wrote {what}, tokenizer and model card to {result.out}")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(result.out, args.push_to_hub)}")
+    return 0
+
+
 def _int_list(text: str | None, flag: str) -> list[int]:
     from opsd.errors import UserInputError
 
@@ -210,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(commands.add_parser("train", help="train with OPSD on Ray")).set_defaults(func=_cmd_train)
 
     _add_eval_parser(commands)
+    _add_export_parser(commands)
 
     plot = commands.add_parser("plot", help="draw a run's curves from its metrics.jsonl into a PNG")
     plot.add_argument("run_dir", metavar="RUN_DIR")
@@ -263,6 +280,25 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), default=None,
                     help="compare two run directories instead of evaluating")
     ev.set_defaults(func=_cmd_eval)
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    ex = commands.add_parser(
+        "export", help="a run's adapter (or the base model with it merged) + tokenizer + model card, to share",
+        description="Export the newest adapter of RUN_DIR (or --version N), or a PEFT adapter directory, with the "
+        "tokenizer and a model card (training config, data, steps, held-out GJS, last evaluation).")
+    ex.add_argument("source", metavar="RUN_DIR|ADAPTER_DIR")
+    ex.add_argument("--out", required=True, help="output directory (written atomically)")
+    ex.add_argument("--merge", action="store_true",
+                    help="save the base model with the adapter merged (safetensors, the base's dtype)")
+    ex.add_argument("--version", type=int, default=None, help="adapter version of RUN_DIR (default: the newest)")
+    ex.add_argument("--base-model", default=None,
+                    help="base model id or directory (default: the run's model.path, or the adapter's "
+                    "base_model_name_or_path)")
+    ex.add_argument("--push-to-hub", default=None, metavar="REPO",
+                    help="then upload --out to this Hub repo (needs a token)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.set_defaults(func=_cmd_export)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
