@@ -449,7 +449,7 @@ def _data_text(cfg: Any) -> str:
         table, _ = load_dataset(cfg.data, required=("problem", "solution"))
     except UserInputError:
         return text
-    held = cfg.train.eval_rows
+    held = cfg.train.heldout_rows
     trained = table.num_rows - held
     return text + f", {table.num_rows} problems" + (f": {trained} trained on, {held} held out" if held else "")
 
