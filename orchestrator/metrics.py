@@ -3,6 +3,10 @@
 Every step produces one flat record. Each numeric field of it is exported as a Ray gauge named ``opsd_<field>``
 (Ray adds its ``ray_`` prefix at the endpoint), with per-stage values as one gauge and a ``stage`` tag, and the whole
 record is appended to ``<run_dir>/metrics.jsonl`` and flushed, so a plot or a test can read it while the run goes on.
+
+Ray 2.60 exports a gauge only for about two seconds after it was last set, so a step longer than that would leave
+the dashboard blank until the next step: the sink sets every gauge's latest value again each ``refresh_s`` seconds
+until it is closed.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,8 @@ STAGES = ("rollout", "teacher", "learner")
 class MetricsSink:
     """Writes each step's record to ``metrics.jsonl`` and, when Ray is up, to its metrics endpoint."""
 
-    def __init__(self, run_dir: str | os.PathLike, export_to_ray: bool = True, keep_steps_up_to: int | None = None):
+    def __init__(self, run_dir: str | os.PathLike, export_to_ray: bool = True, keep_steps_up_to: int | None = None,
+                 refresh_s: float = 1.0):
         """``keep_steps_up_to`` (a resumed run): records of later steps, written after the checkpoint the run
         resumes from, are dropped first, so every step appears once. None: a new run, the file starts empty."""
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -53,8 +59,16 @@ class MetricsSink:
         self._file = self.path.open("a", encoding="utf-8")
         self._gauges: dict[str, Any] = {}
         self._eval_gauge = None
+        self._latest: dict[tuple, tuple[Any, float, dict | None]] = {}  # (gauge, tags) -> what was last set
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._refresher: threading.Thread | None = None
         if export_to_ray:
             self._make_gauges()
+        if self._gauges:
+            self._refresher = threading.Thread(target=self._refresh, args=(refresh_s,), name="opsd-metrics",
+                                               daemon=True)
+            self._refresher.start()
 
     def _make_gauges(self) -> None:
         import ray
@@ -77,16 +91,31 @@ class MetricsSink:
                 for stage in STAGES:
                     value = record.get(f"{name}/{stage}")
                     if _is_number(value):
-                        gauge.set(float(value), tags={"stage": stage})
+                        self._set(gauge, float(value), {"stage": stage})
             elif _is_number(record.get(name)):
-                gauge.set(float(record[name]))
+                self._set(gauge, float(record[name]))
         if self._eval_gauge is not None:
             for key, value in record.items():  # eval/<benchmark>/<metric>
                 parts = key.split("/")
                 if len(parts) == 3 and parts[0] == "eval" and _is_number(value):
-                    self._eval_gauge.set(float(value), tags={"benchmark": parts[1], "metric": parts[2]})
+                    self._set(self._eval_gauge, float(value), {"benchmark": parts[1], "metric": parts[2]})
+
+    def _set(self, gauge: Any, value: float, tags: dict[str, str] | None = None) -> None:
+        gauge.set(value, tags=tags)
+        with self._lock:
+            self._latest[(id(gauge), tuple(sorted((tags or {}).items())))] = (gauge, value, tags)
+
+    def _refresh(self, every_s: float) -> None:
+        while not self._closed.wait(every_s):
+            with self._lock:
+                latest = list(self._latest.values())
+            for gauge, value, tags in latest:
+                gauge.set(value, tags=tags)
 
     def close(self) -> None:
+        self._closed.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=10)
         self._file.close()
 
 
