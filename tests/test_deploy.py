@@ -20,12 +20,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import tomllib
 from pathlib import Path
 
@@ -211,6 +215,274 @@ def test_cluster_yamls_share_everything_but_the_provider():
     for key in ("docker", "file_mounts", "rsync_exclude", "rsync_filter", "setup_commands", "head_start_ray_commands",
                 "worker_start_ray_commands", "max_workers", "idle_timeout_minutes"):
         assert aws[key] == gcp[key], key
+
+
+# -- cluster launcher: token auth on every node, and a worker node that joins -----------------------------------
+
+
+def ray_start_command(commands: list[str]) -> str:
+    """The one command of a start list that runs `ray start` (the others: `ray stop`, the monitoring script)."""
+    (command,) = [c for c in commands if re.search(r"\bray start\b", c)]
+    return command
+
+
+def ray_start_environment(command: str) -> dict[str, str]:
+    """The VAR=value assignments that prefix `ray start` in a shell command (its own environment)."""
+    (simple,) = [part for part in command.split(";") if re.search(r"\bray start\b", part)]
+    words = shlex.split(simple)
+    assignments = words[:words.index("ray")]
+    assert all(re.fullmatch(r"\w+=.*", word) for word in assignments), assignments
+    return dict(word.split("=", 1) for word in assignments)
+
+
+@pytest.mark.parametrize("name", CLUSTER_YAMLS)
+def test_every_node_starts_ray_with_token_auth(name):
+    """Ray 2.60: `ray start --head` turns token auth on when it finds ~/.ray/auth_token, `ray start --address` does
+    not; a worker without RAY_AUTH_MODE=token is refused by the head (test_a_worker_node_joins_... shows both)."""
+    config = cluster_config(name)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert ray_start_environment(ray_start_command(config[key])).get("RAY_AUTH_MODE") == "token", key
+    assert config["file_mounts"]["~/.ray"] == "~/.ray", "the token file travels to every node"
+    worker = ray_start_command(config["worker_start_ray_commands"])
+    assert re.search(r"ray start --address=\$RAY_HEAD_IP:6379\b", worker), worker
+
+
+def test_the_ray_start_parser_finds_a_missing_auth_mode():
+    assert "RAY_AUTH_MODE" not in ray_start_environment("ulimit -n 1; ray start --address=$RAY_HEAD_IP:6379")
+    assert ray_start_environment("X=1; A=b RAY_AUTH_MODE=token ray start --head") == {"A": "b",
+                                                                                    "RAY_AUTH_MODE": "token"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The `ray` CLI for the join test: Ray's own, with the node's address taken to be 127.0.0.1. A worker node's
+# `ray start --address` refuses to run with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the setting that keeps every
+# listener on the loopback), and without it Ray replaces 127.0.0.1 by this machine's interface address. Every other
+# line of `ray start` runs as on a cloud node. `ray stop` is refused: it would stop every Ray process of the user.
+LOOPBACK_RAY_CLI = """\
+import sys
+import ray._private.ray_constants as ray_constants
+import ray._private.services as services
+
+if sys.argv[1:2] == ["stop"]:
+    sys.exit("tests/test_deploy.py: `ray stop` refused (it stops every Ray process of the user on the machine)")
+ray_constants.ENABLE_RAY_CLUSTER = True
+services.node_ip_address_from_perspective = lambda address=None: "127.0.0.1"
+from ray.scripts.scripts import main
+
+sys.argv[0] = "ray"
+sys.exit(main())
+"""
+
+JOIN_CLIENT = r"""
+import json, sys, time
+import ray
+
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+deadline, want = time.monotonic() + float(sys.argv[2]), int(sys.argv[3])
+while True:
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if len(alive) >= want or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+print("NODES " + json.dumps([{"ip": n["NodeManagerAddress"], "resources": n["Resources"]} for n in alive]))
+ray.shutdown()
+"""
+
+
+def on_loopback(command: str, *, head: bool, ports: dict[str, int], temp_dir: Path) -> str:
+    """A start command of the cluster YAMLs with its cloud-only parts replaced: free ports instead of the fixed ones,
+    127.0.0.1 instead of 0.0.0.0, no autoscaling config (`ray up` writes it for a cloud provider), a temp dir of the
+    test, `--block` so that the node's processes stay in the process group the test stops."""
+    rules = [  # (pattern, replacement, must match on the head, must match on a worker)
+        (r"--port=6379\b", f"--port={ports['gcs']}", True, False),
+        (r"\$RAY_HEAD_IP:6379\b", f"$RAY_HEAD_IP:{ports['gcs']}", False, True),
+        (r"--object-manager-port=\d+", f"--object-manager-port={free_port()}", True, True),
+        (r"--metrics-export-port=\d+", f"--metrics-export-port={free_port()}", True, True),
+        (r"--dashboard-port=\d+", f"--dashboard-port={free_port()}", True, False),
+        (r"--dashboard-host=0\.0\.0\.0", "--dashboard-host=127.0.0.1", True, False),
+        (r" --autoscaling-config=\S+", "", True, False),
+    ]
+    for pattern, replacement, on_head, on_worker in rules:
+        command, n = re.subn(pattern, replacement, command)
+        assert n == (on_head if head else on_worker), (pattern, command)
+    extra = (f" --node-ip-address=127.0.0.1 --temp-dir={temp_dir} --block --object-store-memory={100 * 2**20}"
+             f" --node-manager-port={free_port()} --runtime-env-agent-port={free_port()}"
+             f" --dashboard-agent-grpc-port={free_port()} --dashboard-agent-listen-port={free_port()}")
+    if head:
+        extra += f" --ray-client-server-port={free_port()}"
+    command, n = re.subn(r"\bray start\b", "ray start" + extra, command)
+    assert n == 1
+    return command
+
+
+def process_group_pids(pgids: set[int]) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) in pgids:
+                    pids.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return pids
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    """host:port of every TCP socket the processes listen on (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            pass
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            host, port = fields[1].split(":")
+            raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
+            address = ipaddress.ip_address(raw)
+            if getattr(address, "ipv4_mapped", None):
+                address = address.ipv4_mapped
+            found.append(f"{address}:{int(port, 16)}")
+    return found
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM to the group the node was started in (`ray start --block` then stops what it started), SIGKILL to
+    whatever is left after grace_s."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def kill_strays(marker: str) -> list[int]:
+    """Processes outside the stopped groups whose command line names this test's temp dir (only they can): killed."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
+def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.mark.slow
+def test_a_worker_node_joins_a_token_auth_head_with_the_yaml_start_commands():
+    """The head and worker start commands of deploy/aws-gpu.yaml (gcp-gpu.yaml's are the same, tested above), run as
+    the cluster launcher runs them: in a shell, the token in ~/.ray/auth_token (HOME is a temp dir: what
+    `file_mounts: ~/.ray` gives each node), RAY_HEAD_IP and the node type's resources (RAY_OVERRIDE_RESOURCES) in
+    the environment. The worker node must join; the same worker command without RAY_AUTH_MODE=token (the command
+    before the fix) must be refused. Every listener stays on 127.0.0.1."""
+    config = cluster_config("aws-gpu.yaml")
+    head_type = config["available_node_types"][config["head_node_type"]]
+    worker_type = gpu_worker_type(config)
+    head_commands, worker_commands = config["head_start_ray_commands"], config["worker_start_ray_commands"]
+    # What runs besides `ray start` and is left out here: `ray stop` (never on a shared machine) and the monitoring
+    # script (downloads Prometheus/Grafana; tested on its own above and below).
+    assert head_commands[0] == "ray stop" and worker_commands[0] == "ray stop"
+    assert len(worker_commands) == 2 and len(head_commands) == 3 and "start-monitoring.sh" in head_commands[2]
+
+    short = Path(tempfile.mkdtemp(prefix="opsd-join-", dir="/tmp"))  # Ray's socket paths must stay short
+    home, bin_dir, temp_dir = short / "home", short / "bin", short / "ray"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(f"#!{sys.executable}\n" + LOOPBACK_RAY_CLI)
+    (bin_dir / "ray").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS, RAY_AUTH_* leftovers
+    env.update(HOME=str(home), PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env["PATH"]]),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    ports = {"gcs": free_port()}
+    head = on_loopback(ray_start_command(head_commands), head=True, ports=ports, temp_dir=temp_dir)
+    worker = on_loopback(ray_start_command(worker_commands), head=False, ports=ports, temp_dir=temp_dir)
+    unauthenticated = worker.replace("RAY_AUTH_MODE=token ", "")  # the worker command before the fix
+
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str, command: str, resources: dict) -> subprocess.Popen:
+        node_env = dict(env, RAY_OVERRIDE_RESOURCES=json.dumps(resources), RAY_HEAD_IP="127.0.0.1")
+        with open(short / f"{name}.log", "w") as log:
+            procs[name] = subprocess.Popen(["bash", "-c", command], env=node_env, stdout=log,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return procs[name]
+
+    def log_of(name: str) -> str:
+        return (short / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    try:
+        started = start("head", head, head_type["resources"])
+        assert wait_for_text(short / "head.log", "Ray runtime started", started, 120), log_of("head")
+        start("worker", worker, worker_type["resources"])
+        refused = start("unauthenticated-worker", unauthenticated, worker_type["resources"])
+        try:
+            refused.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a worker without RAY_AUTH_MODE=token neither joined nor gave up in 120 s\n"
+                        + log_of("unauthenticated-worker"))
+        assert refused.returncode != 0 and "AuthenticationError" in log_of("unauthenticated-worker"), \
+            log_of("unauthenticated-worker")
+
+        client_env = dict(env, RAY_AUTH_MODE="token")
+        done = subprocess.run([sys.executable, "-c", JOIN_CLIENT, f"127.0.0.1:{ports['gcs']}", "90", "2"],
+                              env=client_env, capture_output=True, text=True, timeout=150)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("NODES ")]
+        assert lines, done.stdout[-2000:] + done.stderr[-2000:]
+        nodes = json.loads(lines[-1][len("NODES "):])
+        assert procs["worker"].poll() is None, log_of("worker")
+        assert len(nodes) == 2, (nodes, log_of("worker"))
+        assert {n["ip"] for n in nodes} == {"127.0.0.1"}
+        joined = [n["resources"] for n in nodes if n["resources"].get("GPU")]
+        assert len(joined) == 1 and joined[0]["GPU"] == worker_type["resources"]["GPU"], nodes
+        assert joined[0]["CPU"] == worker_type["resources"]["CPU"]
+
+        listening = listening_addresses(process_group_pids({p.pid for p in procs.values()}))
+        assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening
+    finally:
+        for proc in procs.values():
+            stop_process_group(proc)
+        kill_strays(str(short))
+        shutil.rmtree(short, ignore_errors=True)
 
 
 def placeholders(text: str) -> set[str]:
