@@ -39,7 +39,7 @@ import ray
 import yaml
 
 from orchestrator.config import OPSDConfig, load_config
-from orchestrator.metrics import GAUGES, STAGE_GAUGES, STAGES
+from orchestrator.metrics import EVAL_TAGS, GAUGES, RUN_TAG, STAGE_GAUGES, STAGES, MetricsSink, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -829,8 +829,11 @@ def dashboard_queries() -> list[tuple[dict, dict]]:
     return [(panel, target) for panel in all_panels(dashboard()["panels"]) for target in panel.get("targets", [])]
 
 
+EXPORTED = {f"ray_opsd_{name}" for name in (*GAUGES, *STAGE_GAUGES, "eval")}  # Ray adds "ray_"; gauges: no suffix
+
+
 def test_dashboard_charts_every_opsd_gauge_and_nothing_else():
-    exported = {f"ray_opsd_{name}" for name in (*GAUGES, *STAGE_GAUGES)}  # Ray adds "ray_"; gauges get no suffix
+    exported = EXPORTED
     queried = set()
     for _, target in dashboard_queries():
         queried |= set(re.findall(r"\bray_opsd_\w+", target["expr"]))
@@ -848,6 +851,36 @@ def test_dashboard_splits_stage_gauges_by_stage():
             assert "{{stage}}" in target["legendFormat"] or re.search(r"by \(.*stage", target["expr"]), panel["title"]
         for stage in re.findall(r'stage=~?"([^"]+)"', target["expr"]):
             assert set(stage.split("|")) <= set(STAGES), stage
+
+
+def test_dashboard_selects_the_run_in_every_query_and_names_it_in_every_legend():
+    """Two jobs on one cluster export the same ray_opsd_* series from the same head: only the run label tells them
+    apart. Every query filters by the `run` variable and every legend shows the run."""
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    run = variables[RUN_TAG]
+    assert run["type"] == "query" and run["includeAll"] and run["multi"]
+    assert re.fullmatch(r"label_values\(ray_opsd_\w+\{.*\}, run\)", run["query"]["query"]), run["query"]
+    assert run["definition"] == run["query"]["query"]
+    queries = dashboard_queries()
+    assert queries
+    for panel, target in queries:
+        assert 'run=~"$run"' in target["expr"], panel["title"]
+        assert "{{run}}" in target["legendFormat"], panel["title"]
+
+
+def test_dashboard_has_an_eval_panel_by_benchmark_and_metric():
+    evals = [(panel, target) for panel, target in dashboard_queries() if "ray_opsd_eval" in target["expr"]]
+    assert evals, "no panel charts opsd_eval"
+    for panel, target in evals:
+        assert panel["type"] == "timeseries"
+        for tag in EVAL_TAGS:
+            assert "{{" + tag + "}}" in target["legendFormat"], panel["title"]
+        # Accuracies only (avg@n, pass@k, maj@n), not their confidence bounds or token counts.
+        metric = re.search(r'metric=~"([^"]+)"', target["expr"]).group(1)
+        for name in ("avg@16", "pass@8", "maj@16"):
+            assert re.fullmatch(metric, name), name
+        for name in ("avg@16_ci95_low", "response_tokens", "no_answer_rate"):
+            assert not re.fullmatch(metric, name), name
 
 
 def test_dashboard_uses_the_datasource_variable_and_only_defined_variables():
@@ -897,6 +930,92 @@ def test_monitoring_script_is_valid_bash_and_uses_the_deploy_files():
     assert set(monitoring_ports()) == {"PROMETHEUS_PORT", "GRAFANA_PORT"}
 
 
+# -- the run label on a real Ray metrics endpoint ----------------------------------------------------------------
+
+RUN_LABEL_SCRIPT = r"""
+import json, os, socket, sys, time, urllib.request
+sys.path.insert(0, sys.argv[1])
+temp_dir, out_dir = sys.argv[2], sys.argv[3]
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+import ray
+from orchestrator.metrics import GAUGES, STAGE_GAUGES, STAGES, MetricsSink
+
+port = free_port()
+ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
+         _temp_dir=temp_dir)
+# Two runs in one cluster: one named by its run directory (the default), one explicitly.
+sinks = [MetricsSink(os.path.join(out_dir, "runs", "job-a")), MetricsSink(os.path.join(out_dir, "x"), run="job-b")]
+names = [f"ray_opsd_{name}" for name in (*GAUGES, *STAGE_GAUGES, "eval")]
+lines = []
+deadline = time.time() + 120
+while time.time() < deadline:
+    for offset, sink in enumerate(sinks):  # each run its own values
+        record = {name: 1.0 + offset for name in GAUGES}
+        record.update({f"{name}/{stage}": 10.0 + offset for name in STAGE_GAUGES for stage in STAGES})
+        record["eval/gsm8k/avg@16"] = 0.25 + offset / 2
+        sink.record(record)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        lines = [line for line in text.splitlines() if line.startswith("ray_opsd_")]
+    except OSError:
+        pass
+    if all(any(line.startswith(name + "{") and f'run="{sink.run}"' in line for line in lines)
+           for name in names for sink in sinks):
+        break
+    time.sleep(2)
+for sink in sinks:
+    sink.close()
+ray.shutdown()
+print("LINES " + json.dumps(lines))
+"""
+
+
+def prometheus_sample(line: str) -> tuple[str, dict[str, str], float]:
+    name, rest = line.split("{", 1)
+    labels, value = rest.rsplit("}", 1)
+    return name, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value.split()[0])
+
+
+def test_run_name_is_the_last_component_of_the_run_directory(tmp_path):
+    assert run_name("/mnt/opsd/runs/opsd-qwen3-1.7b") == "opsd-qwen3-1.7b"
+    assert run_name("/mnt/opsd/runs/opsd-qwen3-1.7b/") == "opsd-qwen3-1.7b"
+    assert MetricsSink(tmp_path / "a", export_to_ray=False).run == "a"
+    assert MetricsSink(tmp_path / "b", export_to_ray=False, run="named").run == "named"
+
+
+@pytest.mark.slow
+def test_every_opsd_gauge_carries_the_run_label_on_rays_metrics_endpoint():
+    """Two MetricsSinks of two runs in one Ray cluster: every ray_opsd_* series on the real endpoint has a run label,
+    each run has its own series of every gauge (stage and eval gauges included), with its own values."""
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    short = Path(tempfile.mkdtemp(prefix="opsd-", dir="/tmp"))
+    try:
+        done = subprocess.run([sys.executable, "-c", RUN_LABEL_SCRIPT, str(ROOT), str(short / "ray"), str(short)],
+                              env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("LINES ")]
+    assert lines, done.stdout[-3000:] + done.stderr[-3000:]
+    samples = [prometheus_sample(line) for line in json.loads(lines[-1][len("LINES "):])]
+    assert samples and all(labels.get(RUN_TAG) for _, labels, _ in samples), "a ray_opsd_* series without a run"
+    for name in EXPORTED:
+        by_run = {labels[RUN_TAG]: value for metric, labels, value in samples if metric == name}
+        assert set(by_run) == {"job-a", "job-b"}, (name, by_run)
+        assert by_run["job-a"] < by_run["job-b"], (name, by_run)  # each run's own values, not one overwriting
+    stages = {(labels[RUN_TAG], labels["stage"]) for metric, labels, _ in samples
+              if metric == "ray_opsd_tokens_per_second"}
+    assert stages == {(run, stage) for run in ("job-a", "job-b") for stage in STAGES}
+    evals = {(labels[RUN_TAG], labels["benchmark"], labels["metric"]) for metric, labels, _ in samples
+             if metric == "ray_opsd_eval"}
+    assert evals == {("job-a", "gsm8k", "avg@16"), ("job-b", "gsm8k", "avg@16")}
+
+
 # -- end to end: Prometheus scraping opsd's gauges from a real Ray head ------------------------------------------
 
 PROMETHEUS_BIN = os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
@@ -919,6 +1038,7 @@ ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", _node_i
 sink = MetricsSink(os.path.join(monitoring_dir, "run"))
 record = {name: 0.5 for name in GAUGES}
 record.update({f"{name}/{stage}": 10.0 for name in STAGE_GAUGES for stage in ("rollout", "teacher", "learner")})
+record["eval/gsm8k/avg@16"] = 0.25
 stop = threading.Event()
 
 def keep_recording():
@@ -944,7 +1064,7 @@ try:
     deadline = time.time() + 150
     while started.returncode == 0 and time.time() < deadline:
         for expr in exprs:
-            query = expr.replace("$Cluster", ".*").replace("$SessionName", ".+")
+            query = expr.replace("$Cluster", ".*").replace("$SessionName", ".+").replace("$run", ".+")
             url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
             try:
                 answer = json.load(urllib.request.urlopen(url, timeout=5))
