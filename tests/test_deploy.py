@@ -732,6 +732,40 @@ def test_podmonitor_scrapes_the_metrics_port_of_the_opsd_pods():
     assert any(r["targetLabel"] == "ray_io_cluster" for r in endpoint["relabelings"])
 
 
+PROMETHEUS_STACK_VALUES = DEPLOY / "kuberay" / "kube-prometheus-stack-values.yaml"
+
+
+def test_kuberay_grafana_is_embeddable_in_the_ray_dashboard_as_the_readme_installs_it():
+    """The Ray dashboard's Metrics view frames Grafana panels: Grafana must allow embedding and anonymous viewers,
+    the head must name the in-cluster Grafana/Prometheus services of the release the README installs, and the
+    iframe host must be what the README's port-forward serves."""
+    values = load(PROMETHEUS_STACK_VALUES)["grafana"]
+    assert values["grafana.ini"]["security"]["allow_embedding"] is True
+    assert values["grafana.ini"]["auth.anonymous"] == {"enabled": True, "org_role": "Viewer"}
+    sidecar = values["sidecar"]["dashboards"]
+    assert sidecar["enabled"] is True
+    label = f"{sidecar['label']}={sidecar['labelValue']}"
+
+    commands = readme_commands()
+    (install,) = [argv for argv in commands if argv[:2] == ["helm", "install"] and "kube-prometheus-stack" in argv[3]]
+    release, namespace = install[2], install[install.index("-n") + 1]
+    assert install[install.index("-f") + 1] == str(PROMETHEUS_STACK_VALUES.relative_to(ROOT))
+    labelled = {argv[3] for argv in commands if argv[:3] == ["kubectl", "label", "configmap"] and label in argv}
+    created = {argv[3] for argv in commands if argv[:3] == ["kubectl", "create", "configmap"]}
+    assert {"opsd-dashboard", "ray-dashboards"} <= created and created <= labelled
+    (forward,) = [argv for argv in commands if argv[:2] == ["kubectl", "port-forward"] and f"svc/{release}-grafana"
+                  in argv]
+    local_port = int(forward[-1].split(":")[0])
+
+    for manifest in (load(RAYCLUSTER)["spec"], rayjob()["spec"]["rayClusterSpec"]):
+        (head,) = manifest["headGroupSpec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in head["env"]}
+        assert re.fullmatch(rf"http://{release}-grafana\.{namespace}\.svc(:\d+)?", env["RAY_GRAFANA_HOST"])
+        assert re.fullmatch(rf"http://{release}-kube-prometheus-prometheus\.{namespace}\.svc:9090",
+                            env["RAY_PROMETHEUS_HOST"])
+        assert env["RAY_GRAFANA_IFRAME_HOST"] == f"http://127.0.0.1:{local_port}"
+    assert load(PODMONITOR)["metadata"]["labels"]["release"] == release  # kube-prometheus-stack's default selector
+
 def rayjob() -> dict:
     return load(RAYJOB)
 
