@@ -3,16 +3,25 @@
 - Cluster-launcher YAMLs: validated the way `ray up` validates them (Ray's own ``ray-schema.json`` through
   ``prepare_config`` + ``validate_config``), plus the shape opsd relies on: a head that takes no work, one 8-GPU
   worker type from 0, one Ray version everywhere, opsd installed with the GPU engine.
-- KubeRay manifests: ``ray.io/v1``, a strict schema of the fields they use (a misspelt field fails), autoscaling, the
-  GPU worker group; the RayJob's entrypoint is parsed and loaded with ``orchestrator.config.load_config``.
+- Cluster-launcher start commands: ``RAY_AUTH_MODE=token`` on every node; (slow) a token-auth head and a worker node
+  started on 127.0.0.1 with the YAML's own start commands: the worker joins, the same worker without the variable is
+  refused.
+- KubeRay manifests: validated against KubeRay's own CRD schemas (vendored in deploy/kuberay/crds/ with their source
+  commit) with ``jsonschema``, plus a walk that fails on any field the CRD does not have (a misspelt field);
+  autoscaling, the GPU worker group; the RayJob's entrypoint is parsed and loaded with
+  ``orchestrator.config.load_config``; the Grafana settings that let the Ray dashboard embed its panels.
+- Docker image: the files its COPY lines take (minus the dockerignore) load every built-in benchmark.
 - Runtime env: parsed by Ray's ``RuntimeEnv``; what it uploads is computed with Ray's own file matcher.
 - Grafana dashboard and Prometheus config: every ``ray_opsd_*`` series they query exists in
-  ``orchestrator/metrics.py`` and every gauge there is charted; the scrape config follows Ray's discovery file.
+  ``orchestrator/metrics.py`` and every gauge there is charted (opsd_eval included), every query selects the run;
+  (slow) every gauge carries the ``run`` label on a real Ray metrics endpoint; the scrape config follows Ray's
+  discovery file.
 - README commands: every ``orchestrator.train`` command in deploy/README.md loads.
 - Nothing secret-looking anywhere in deploy/.
 
-Nothing here touches the network. The one slow test (Prometheus scraping a real Ray head through
-deploy/start-monitoring.sh) runs only where a ``prometheus`` binary is available (PATH or PROMETHEUS_BIN).
+Nothing here touches the network; every server a test starts listens on 127.0.0.1 and runs in a process group of
+its own, which the test stops (on a timeout too). The slow test of Prometheus scraping a real Ray head through deploy/start-monitoring.sh runs only
+where a ``prometheus`` binary is available (PATH or PROMETHEUS_BIN).
 """
 
 from __future__ import annotations
@@ -601,80 +610,88 @@ def test_the_image_has_the_builtin_benchmarks_and_opsd_finds_them(tmp_path):
 
 # -- KubeRay ---------------------------------------------------------------------------------------------------
 
-STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-QUANTITIES = {"type": "object", "additionalProperties": {"type": ["string", "integer"]}}
-RESOURCES = {"type": "object", "additionalProperties": False,
-             "properties": {"requests": QUANTITIES, "limits": QUANTITIES}}
-CONTAINER = {
-    "type": "object", "required": ["name", "image"], "additionalProperties": False,
-    "properties": {k: {} for k in ("name", "image", "imagePullPolicy", "command", "args", "env", "envFrom", "ports",
-                                   "resources", "volumeMounts", "lifecycle", "securityContext", "livenessProbe",
-                                   "readinessProbe", "workingDir")} | {"resources": RESOURCES},
-}
-POD_TEMPLATE = {
-    "type": "object", "required": ["spec"], "additionalProperties": False,
-    "properties": {
-        "metadata": {"type": "object", "additionalProperties": False,
-                     "properties": {"labels": STR_MAP, "annotations": STR_MAP}},
-        "spec": {"type": "object", "required": ["containers"], "additionalProperties": False,
-                 "properties": {k: {} for k in ("volumes", "tolerations", "nodeSelector", "affinity",
-                                                "serviceAccountName", "initContainers", "imagePullSecrets",
-                                                "securityContext", "priorityClassName", "restartPolicy",
-                                                "terminationGracePeriodSeconds")}
-                 | {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}}},
-    },
-}
-# The RayCluster fields of KubeRay's ray.io/v1 CRD (v1.5) that may appear; unknown or misspelt ones fail.
-RAY_CLUSTER_SPEC = {
-    "type": "object", "required": ["headGroupSpec"], "additionalProperties": False,
-    "properties": {
-        "rayVersion": {"type": "string"},
-        "enableInTreeAutoscaling": {"type": "boolean"},
-        "authOptions": {"type": "object", "additionalProperties": False,
-                        "properties": {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"}}},
-        "autoscalerOptions": {
-            "type": "object", "additionalProperties": False,
-            "properties": {"idleTimeoutSeconds": {"type": "integer", "minimum": 1},
-                           "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-                           "version": {"enum": ["v1", "v2"]}, "resources": RESOURCES, "image": {"type": "string"},
-                           "imagePullPolicy": {"type": "string"}, "env": {}, "envFrom": {}, "securityContext": {},
-                           "volumeMounts": {}}},
-        "headGroupSpec": {
-            "type": "object", "required": ["rayStartParams", "template"], "additionalProperties": False,
-            "properties": {"serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "headService": {},
-                           "enableIngress": {"type": "boolean"}, "rayStartParams": STR_MAP,
-                           "template": POD_TEMPLATE}},
-        "workerGroupSpecs": {"type": "array", "items": {
-            "type": "object", "required": ["groupName", "rayStartParams", "template"], "additionalProperties": False,
-            "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer", "minimum": 0},
-                           "minReplicas": {"type": "integer", "minimum": 0},
-                           "maxReplicas": {"type": "integer", "minimum": 1},
-                           "idleTimeoutSeconds": {"type": "integer"}, "rayStartParams": STR_MAP,
-                           "template": POD_TEMPLATE, "scaleStrategy": {}, "suspend": {"type": "boolean"},
-                           "numOfHosts": {"type": "integer"}}}},
-        "headServiceAnnotations": STR_MAP, "suspend": {"type": "boolean"}, "managedBy": {"type": "string"},
-        "gcsFaultToleranceOptions": {},
-    },
-}
-RAY_JOB_SPEC = {
-    "type": "object", "required": ["entrypoint"], "additionalProperties": False,
-    "properties": {
-        "entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"}, "jobId": {"type": "string"},
-        "shutdownAfterJobFinishes": {"type": "boolean"}, "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-        "activeDeadlineSeconds": {"type": "integer", "minimum": 1}, "rayClusterSpec": RAY_CLUSTER_SPEC,
-        "clusterSelector": STR_MAP, "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode",
-                                                                 "SidecarMode"]},
-        "submitterPodTemplate": {}, "submitterConfig": {}, "entrypointNumCpus": {}, "entrypointNumGpus": {},
-        "entrypointResources": {"type": "string"}, "suspend": {"type": "boolean"},
-        "backoffLimit": {"type": "integer", "minimum": 0}, "managedBy": {"type": "string"}, "deletionStrategy": {},
-    },
-}
+CRDS = DEPLOY / "kuberay" / "crds"
+PRUNED = "x-opsd-pruned"
 
 
-def resource(kind: str, spec_schema: dict) -> dict:
-    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-            "properties": {"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": kind},
-                           "metadata": {"type": "object", "required": ["name"]}, "spec": spec_schema}}
+def crd_schema(name: str) -> dict:
+    """The vendored openAPIV3Schema of a KubeRay CRD (deploy/kuberay/crds/); the RayJob's spec.rayClusterSpec is the
+    RayClusterSpec type, given the RayCluster CRD's spec schema (as the RayJob CRD embeds it)."""
+    schema = yaml.safe_load((CRDS / f"ray.io_{name}.v1.yaml").read_text())["openAPIV3Schema"]
+    if name == "rayjobs":
+        cluster = crd_schema("rayclusters")["properties"]["spec"]
+        schema["properties"]["spec"]["properties"]["rayClusterSpec"] = cluster
+    return schema
+
+
+def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Fields of a manifest that its CRD schema does not have, walking `properties` (CRDs leave additionalProperties
+    unset, so jsonschema alone accepts a misspelt field), and fields inside subtrees the vendored schema prunes."""
+    if schema.get(PRUNED):
+        return [f"{path}: the vendored schema prunes this subtree (vendor it from the CRD, crds/README.md)"]
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(value, dict):
+        if "properties" in schema:
+            for key, item in value.items():
+                if key in schema["properties"]:
+                    found += unknown_fields(item, schema["properties"][key], f"{path}.{key}")
+                else:
+                    found.append(f"{path}.{key}: not a field of the CRD")
+        elif isinstance(schema.get("additionalProperties"), dict):
+            for key, item in value.items():
+                found += unknown_fields(item, schema["additionalProperties"], f"{path}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            found += unknown_fields(item, schema["items"], f"{path}[{index}]")
+    return found
+
+
+def validate_against_crd(manifest: dict, name: str) -> None:
+    schema = crd_schema(name)
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(manifest, schema)
+    assert not unknown_fields(manifest, schema)
+
+
+def test_vendored_crds_name_their_source_and_keep_every_field_name_on_the_manifest_paths():
+    for name in ("rayclusters", "rayjobs"):
+        document = yaml.safe_load((CRDS / f"ray.io_{name}.v1.yaml").read_text())
+        source = document["source"]
+        assert source["repository"] == "ray-project/kuberay" and re.fullmatch(r"[0-9a-f]{40}", source["commit"])
+        assert source["served_version"] == "v1" and source["commit"] in (CRDS / "README.md").read_text()
+    spec = crd_schema("rayclusters")["properties"]["spec"]
+    assert spec["properties"]["authOptions"]["properties"]["mode"]["enum"] == ["disabled", "token"]
+    assert spec["required"] == ["headGroupSpec"]
+    (worker,) = [spec["properties"]["workerGroupSpecs"]["items"]]
+    assert set(worker["required"]) == {"groupName", "maxReplicas", "minReplicas", "template"}
+    assert worker["properties"]["template"] == spec["properties"]["headGroupSpec"]["properties"]["template"]
+
+
+def test_the_crd_walk_catches_what_jsonschema_alone_lets_through():
+    manifest = load(RAYCLUSTER)
+    schema = crd_schema("rayclusters")
+    typo = json.loads(json.dumps(manifest))
+    group = typo["spec"]["workerGroupSpecs"][0]
+    group["minReplica"] = group.pop("minReplicas")  # misspelt: KubeRay would drop it (and minReplicas is required)
+    container = typo["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    container["imagePullPolicyy"] = container.pop("imagePullPolicy")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(typo, schema)  # the required minReplicas
+    group["minReplicas"] = 0  # required satisfied; the misspelt copies remain
+    jsonschema.validate(typo, schema)  # ... which a plain validation accepts
+    assert unknown_fields(typo, schema) == [".spec.headGroupSpec.template.spec.containers[0].imagePullPolicyy: "
+                                            "not a field of the CRD",
+                                            ".spec.workerGroupSpecs[0].minReplica: not a field of the CRD"]
+    wrong_type = json.loads(json.dumps(manifest))
+    wrong_type["spec"]["authOptions"]["mode"] = "tokens"
+    with pytest.raises(jsonschema.ValidationError, match="tokens"):
+        jsonschema.validate(wrong_type, schema)
+    pruned = json.loads(json.dumps(manifest))
+    pruned["spec"]["headGroupSpec"]["template"]["spec"]["affinity"] = {"nodeAffinity": {}}
+    assert unknown_fields(pruned, schema) == [".spec.headGroupSpec.template.spec.affinity: the vendored schema "
+                                              "prunes this subtree (vendor it from the CRD, crds/README.md)"]
 
 
 def check_cluster_spec(spec: dict) -> None:
@@ -714,7 +731,8 @@ def check_cluster_spec(spec: dict) -> None:
 
 def test_raycluster_manifest():
     manifest = load(RAYCLUSTER)
-    jsonschema.validate(manifest, resource("RayCluster", RAY_CLUSTER_SPEC))
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayCluster" and manifest["metadata"]["name"]
+    validate_against_crd(manifest, "rayclusters")
     check_cluster_spec(manifest["spec"])
 
 
@@ -772,7 +790,8 @@ def rayjob() -> dict:
 
 def test_rayjob_manifest_runs_on_the_raycluster_spec():
     manifest = rayjob()
-    jsonschema.validate(manifest, resource("RayJob", RAY_JOB_SPEC))
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob" and manifest["metadata"]["name"]
+    validate_against_crd(manifest, "rayjobs")
     spec = manifest["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["rayClusterSpec"] == load(RAYCLUSTER)["spec"], "rayjob.yaml's cluster drifted from raycluster.yaml"
@@ -1083,6 +1102,24 @@ print("LINES " + json.dumps(lines))
 """
 
 
+def run_in_own_group(args: list[str], env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run a script that starts Ray in a process group of its own; on a timeout the whole group is killed (Ray's
+    processes included), never anything else."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout_s} s\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the script left in its group
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
 def prometheus_sample(line: str) -> tuple[str, dict[str, str], float]:
     name, rest = line.split("{", 1)
     labels, value = rest.rsplit("}", 1)
@@ -1104,8 +1141,8 @@ def test_every_opsd_gauge_carries_the_run_label_on_rays_metrics_endpoint():
     env.pop("RAY_ADDRESS", None)
     short = Path(tempfile.mkdtemp(prefix="opsd-", dir="/tmp"))
     try:
-        done = subprocess.run([sys.executable, "-c", RUN_LABEL_SCRIPT, str(ROOT), str(short / "ray"), str(short)],
-                              env=env, capture_output=True, text=True, timeout=300)
+        done = run_in_own_group([sys.executable, "-c", RUN_LABEL_SCRIPT, str(ROOT), str(short / "ray"), str(short)],
+                                env, timeout_s=300)
     finally:
         shutil.rmtree(short, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("LINES ")]
@@ -1204,8 +1241,8 @@ def test_prometheus_scrapes_every_dashboard_query_from_a_ray_head():
     # A short temp dir: Ray's socket paths live under it (at most 107 bytes).
     short = Path(tempfile.mkdtemp(prefix="opsd-", dir="/tmp"))
     try:
-        done = subprocess.run([sys.executable, "-c", E2E_SCRIPT, str(ROOT), str(DEPLOY), str(short / "ray"),
-                               str(short / "mon")], env=env, capture_output=True, text=True, timeout=600)
+        done = run_in_own_group([sys.executable, "-c", E2E_SCRIPT, str(ROOT), str(DEPLOY), str(short / "ray"),
+                                 str(short / "mon")], env, timeout_s=600)
     finally:
         shutil.rmtree(short, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
