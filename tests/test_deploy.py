@@ -20,8 +20,8 @@
 - Nothing secret-looking anywhere in deploy/.
 
 Nothing here touches the network; every server a test starts listens on 127.0.0.1 and runs in a process group of
-its own, which the test stops (on a timeout too). The slow test of Prometheus scraping a real Ray head through deploy/start-monitoring.sh runs only
-where a ``prometheus`` binary is available (PATH or PROMETHEUS_BIN).
+its own, which the test stops (on a timeout too). The slow test of Prometheus scraping a real Ray head through
+deploy/start-monitoring.sh runs only where a ``prometheus`` binary is available (PATH or PROMETHEUS_BIN).
 """
 
 from __future__ import annotations
