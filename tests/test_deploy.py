@@ -577,7 +577,7 @@ def test_the_image_has_the_builtin_benchmarks_and_opsd_finds_them(tmp_path):
     """The files of the image, as the Dockerfile's COPY lines take them from the build context (minus
     Dockerfile.dockerignore), laid out in a temp dir; the package is installed editable there, so opsd imports from
     that tree: every built-in benchmark must load from it."""
-    from orchestrator.evaluation.benchmarks import BUILTIN
+    from evaluation.benchmarks import BUILTIN
 
     image = dockerfile()
     assert any(re.search(r"pip install -e \"\.\[gpu\]\"", run) for run in image["runs"]), \
@@ -595,7 +595,7 @@ def test_the_image_has_the_builtin_benchmarks_and_opsd_finds_them(tmp_path):
     for spec in BUILTIN.values():
         assert (root / spec.path.relative_to(ROOT)).is_file(), f"{spec.name}: not in the image"
     assert not (root / "data" / "train.parquet").exists()
-    script = ("from orchestrator.evaluation.benchmarks import BUILTIN, DATA_DIR, load_benchmark\n"
+    script = ("from evaluation.benchmarks import BUILTIN, DATA_DIR, load_benchmark\n"
               "print(DATA_DIR)\n"
               "for spec in BUILTIN.values():\n"
               "    print(spec.name, len(load_benchmark(spec, limit=2).table))\n")
