@@ -85,9 +85,18 @@ class LossConfig:
         default=1024,
         metadata={"doc": "Response positions per chunk of lm_head + log-softmax + divergence (memory bound)."},
     )
+    clip_mode: Literal["none", "token", "pointwise"] = field(
+        default="none",
+        metadata={
+            "doc": "'token': a token's divergence is capped at clip (a capped token gives no gradient). "
+            "'pointwise': each vocabulary entry's term (for top-k+tail, each of the k + 1 categories) is capped at "
+            "clip before the sum, so a token's loss can be negative with beta 0 or 1 (the authors' current "
+            "--jsd_token_clip). 'none': no clipping."
+        },
+    )
     clip: float | None = field(
         default=None,
-        metadata={"doc": "Per-token clip of the divergence before averaging (> 0). None: no clipping."},
+        metadata={"doc": "The cap of clip_mode (> 0). Required with 'token' or 'pointwise', null with 'none'."},
     )
 
     @property
@@ -106,7 +115,12 @@ class LossConfig:
         check(self.temperature is None or self.temperature > 0, "temperature",
               f"must be > 0 or null, got {self.temperature}")
         check(self.chunk_size >= 1, "chunk_size", f"must be >= 1, got {self.chunk_size}")
-        check(self.clip is None or self.clip > 0, "clip", f"must be > 0 or null, got {self.clip}")
+        if self.clip_mode == "none":
+            check(self.clip is None, "clip", f"must be null with clip_mode 'none' (got {self.clip}); set "
+                  "clip_mode to 'token' or 'pointwise' to clip")
+        else:
+            check(self.clip is not None and self.clip > 0, "clip",
+                  f"must be > 0 with clip_mode {self.clip_mode!r}, got {self.clip}")
 
 
 @dataclass

@@ -93,7 +93,7 @@ class GroupStepMetrics:
     lr: float
     skipped: bool = False
     skip_reason: str = ""
-    clipped_tokens: int = 0
+    clip_fraction: float = 0.0  # clipped tokens or entries / what could be clipped (learner.loss.clip_mode)
     staleness_mean: float = 0.0
     staleness_max: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -240,7 +240,7 @@ class LearnerGroup:
             lr=results[0].lr,
             skipped=skipped,
             skip_reason=next((m.skip_reason for m in results if m.skipped), ""),
-            clipped_tokens=sum(m.clipped_tokens for m in results),
+            clip_fraction=sum(m.clipped for m in results) / max(sum(m.clip_entries for m in results), 1),
             seconds=seconds,
             **base,
         )

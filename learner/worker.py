@@ -35,7 +35,8 @@ class StepMetrics:
     loss: float = 0.0  # this rank's share of the global loss (the group sums them)
     divergence_sum: float = 0.0  # unclipped per-token divergences, summed
     tokens: int = 0  # response tokens trained on by this rank
-    clipped_tokens: int = 0
+    clipped: int = 0  # clipped tokens (clip_mode token) or entries (pointwise)
+    clip_entries: int = 0  # what could be clipped: tokens, or tokens x categories
     grad_norm: float = float("nan")
     lr: float = 0.0
     skipped: bool = False
@@ -164,7 +165,8 @@ class LearnerWorker:
                 metrics.loss += float(out.loss.detach())
                 metrics.divergence_sum += float(out.divergence_sum)
                 metrics.tokens += out.num_tokens
-                metrics.clipped_tokens += out.num_clipped
+                metrics.clipped += out.num_clipped
+                metrics.clip_entries += out.num_clip_entries
             timings["forward"] += time.perf_counter() - start
             start = time.perf_counter()
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -219,7 +221,8 @@ class LearnerWorker:
         with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), enabled=self.config.zero_stage == 3):
             return gjs_loss(hidden[batch.response_mask], lm_head.weight, teacher, kind=self.kind.name,
                             beta=loss.beta, temperature=loss.tau, bias=getattr(lm_head, "bias", None),
-                            normalizer=normalizer, chunk_size=loss.chunk_size, clip=loss.clip)
+                            normalizer=normalizer, chunk_size=loss.chunk_size, clip=loss.clip,
+                            clip_mode=loss.clip_mode if loss.clip is not None else "token")
 
     def _idle_forwards(self, batch: MicroBatch) -> None:
         """The teacher forward an empty micro-batch stands in for (kinds that run the frozen base here)."""

@@ -30,6 +30,7 @@ GAUGES: dict[str, str] = {
     "loss": "Token-level mean distillation loss of the step (clipped divergences)",
     "gjs": "Mean generalized Jensen-Shannon divergence per response token",
     "grad_norm": "Global gradient norm before clipping",
+    "clip_fraction": "Fraction of tokens (clip_mode token) or vocabulary entries (pointwise) whose divergence was capped",
     "learning_rate": "Learning rate of the step",
     "step_seconds": "Wall time of the step",
     "adapter_sync_seconds": "Time to export the adapter and load it on every rollout worker",

@@ -295,6 +295,7 @@ def step_record(step: int, sampler: EpochSampler, result: StepResult, adapter_ve
     record = {
         "step": step + 1, "epoch": sampler.cursor.epoch, "loss": learned.loss, "gjs": learned.gjs,
         "grad_norm": learned.grad_norm, "learning_rate": learned.lr, "tokens": learned.tokens,
+        "clip_fraction": learned.clip_fraction,
         "rows": summary.rows, "skipped": learned.skipped, "skip_reason": learned.skip_reason,
         "skipped_rows": stats.skipped + sum(result.scored.skipped.values()) + sum(learned.skipped_rows.values()),
         "sample_ids": list(summary.sample_ids), "policy_versions": sorted(set(summary.policy_versions)),

@@ -99,6 +99,7 @@ def test_overrides_nested_list_null_and_float():
             "rollout.max_model_len=8192",
             "rollout.max_model_len=null",  # later overrides win
             "learner.optim.grad_clip=null",
+            "learner.loss.clip_mode=token",
             "learner.loss.clip=2",  # an int in a float field
             "learner.optim.betas=[0.9, 0.95]",
             "data.columns={problem: question}",
@@ -440,3 +441,12 @@ def test_section_usable_alone():
     assert cfg.temperature == 0.0 and cfg.top_k == 20
     err = error_of(from_dict, RolloutConfig, {"top_p": 0}, path="rollout")
     assert err.key == "rollout.top_p"
+
+
+def test_clip_needs_its_mode_and_a_mode_needs_its_clip():
+    err = error_of(load_config, None, DATA + ["learner.loss.clip=0.05"])
+    assert err.key == "learner.loss.clip" and "clip_mode 'none'" in str(err)
+    err = error_of(load_config, None, DATA + ["learner.loss.clip_mode=pointwise"])
+    assert err.key == "learner.loss.clip" and "must be > 0 with clip_mode 'pointwise'" in str(err)
+    cfg = load_config(None, DATA + ["learner.loss.clip_mode=pointwise", "learner.loss.clip=0.05"])
+    assert (cfg.learner.loss.clip_mode, cfg.learner.loss.clip) == ("pointwise", 0.05)

@@ -239,3 +239,22 @@ def test_full_vocabulary_loss_runs_the_teacher_in_process(ray_cluster, tiny_mode
         total += (0.5 * (q * (q / m).log()).sum() + 0.5 * (p * (p / m).log()).sum()).item()
         tokens += len(response)
     assert full.gjs == pytest.approx(total / tokens, rel=1e-4)
+
+
+def test_clip_modes_reach_the_loss_and_report_the_clipped_fraction(ray_cluster, tiny_model_dir, scored_table):
+    """learner.loss.clip_mode is passed to the loss: the step reports the fraction of tokens (token) or of the k + 1
+    categories (pointwise) that were capped; a cap above every value clips nothing."""
+    from dataclasses import replace
+
+    fractions = {}
+    for mode, clip in (("token", 1e-9), ("pointwise", 1e-9), ("pointwise", 1e9), ("none", None)):
+        config = learner_config()
+        config = replace(config, loss=replace(config.loss, clip_mode=mode, clip=clip))
+        group = make_group(tiny_model_dir, config)
+        try:
+            fractions[(mode, clip)] = group.train_step(scored_table).clip_fraction
+        finally:
+            group.shutdown()
+    assert fractions[("token", 1e-9)] == 1.0  # every token's divergence is above 1e-9
+    assert 0.5 < fractions[("pointwise", 1e-9)] <= 1.0  # most of the 17 categories' terms are
+    assert fractions[("pointwise", 1e9)] == 0.0 and fractions[("none", None)] == 0.0
