@@ -13,7 +13,7 @@ import torch
 from opsd.hf import tokenizer_fingerprint
 from opsd.prompts import PromptBuilder
 from opsd.schema import ROLLOUT_SCHEMA, TableMetadata, sample_id, with_metadata
-from orchestrator.data import load_problems
+from opsd.data import load_problems
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -175,7 +175,7 @@ def part_real_model(args) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opsd.prompts import PromptBuilder
-    from orchestrator.data import load_problems
+    from opsd.data import load_problems
     from orchestrator.offline_models import import_gguf
 
     model_dir = Path(args.model_dir)

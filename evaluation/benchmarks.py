@@ -9,8 +9,8 @@ directory of a clone:
     gsm8k                    1,319 GSM8K test problems, answer after ``####``   (mapping ``gsm8k``)
 
 Any other benchmark is a JSONL or Parquet file given by path (``--bench NAME=PATH`` or just ``PATH``, named after
-the file), read with a column mapping (a preset of :data:`orchestrator.data.MAPPINGS` plus per-field overrides).
-Files are loaded and validated by :func:`orchestrator.data.load_problems` with ``problem`` and ``answer``
+the file), read with a column mapping (a preset of :data:`opsd.data.MAPPINGS` plus per-field overrides).
+Files are loaded and validated by :func:`opsd.data.load_problems` with ``problem`` and ``answer``
 required, so a bad file is refused before any generation, naming the file, line and field.
 """
 
@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import pyarrow as pa
 
-from orchestrator.data import DataError, load_problems, mapping_with_columns
+from opsd.data import DataError, load_problems, mapping_with_columns
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO_ROOT / "data"

@@ -26,7 +26,7 @@ from opsd.errors import UserInputError
 from opsd.prompts import PromptBuilder, PromptConfig
 from opsd.sampling import Sampling
 from opsd.schema import PROBLEM_SCHEMA, parse_sample_id, sample_id
-from rollout.table import rollout_stats
+from opsd.schema import rollout_stats
 
 
 def sampling_of(config: EvalConfig) -> Sampling:

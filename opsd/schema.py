@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,6 +48,7 @@ STAGE_SCHEMAS = {"problems": PROBLEM_SCHEMA, "rollouts": ROLLOUT_SCHEMA, "scored
 
 FINISH_REASONS = ("stop", "length")
 METADATA_KEY = b"opsd"
+STATS_KEY = b"opsd.rollout"
 
 
 class TableError(UserInputError):
@@ -66,6 +68,48 @@ class TableMetadata:
 
 
 _SAMPLE_ID_RE = re.compile(r"^(?P<row>.+)@e(?P<epoch>\d+)r(?P<rollout>\d+)$")
+
+
+@dataclass(frozen=True)
+class RolloutStats:
+    """What one generate call (or several, merged) did besides returning rows."""
+
+    prompts: int  # problem rows received
+    samples: int  # rows returned (prompts kept x n)
+    skipped_ids: tuple[str, ...] = ()  # problem rows left out: prompt too long (on_long_prompt = "skip")
+    generated_tokens: int = 0
+    truncated: int = 0  # samples that hit max_tokens (finish_reason "length")
+    generate_seconds: float = 0.0  # wall time of the generate calls, summed over workers
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_ids)
+
+    @classmethod
+    def merge(cls, parts: Sequence[RolloutStats]) -> RolloutStats:
+        return cls(
+            prompts=sum(p.prompts for p in parts),
+            samples=sum(p.samples for p in parts),
+            skipped_ids=tuple(i for p in parts for i in p.skipped_ids),
+            generated_tokens=sum(p.generated_tokens for p in parts),
+            truncated=sum(p.truncated for p in parts),
+            generate_seconds=sum(p.generate_seconds for p in parts),
+        )
+
+
+def with_rollout_stats(table: pa.Table, stats: RolloutStats) -> pa.Table:
+    metadata = dict(table.schema.metadata or {})
+    metadata[STATS_KEY] = json.dumps(asdict(stats), sort_keys=True).encode()
+    return table.replace_schema_metadata(metadata)
+
+
+def rollout_stats(table: pa.Table) -> RolloutStats:
+    raw = (table.schema.metadata or {}).get(STATS_KEY)
+    if raw is None:
+        raise TableError("table has no rollout statistics (it was not made by a RolloutWorker)")
+    data = json.loads(raw)
+    data["skipped_ids"] = tuple(data["skipped_ids"])
+    return RolloutStats(**data)
 
 
 def sample_id(row_id: str, epoch: int, rollout: int) -> str:

@@ -45,7 +45,7 @@ def _cmd_model_import_gguf(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from orchestrator.data import load_problems
+    from opsd.data import load_problems
 
     # Evaluation files have answers, not solutions: check what each kind of file is used for.
     required_text = args.required or ("problem,answer" if args.mapping == "eval" else "problem,solution")

@@ -105,7 +105,7 @@ def checked_adapter(run: EvalRun) -> AdapterPayload | None:
     """The adapter (version 1), checked against the base model before any engine starts."""
     if run.adapter is None:
         return None
-    from rollout.adapters import AdapterTarget, model_linear_shapes, validate_adapter
+    from opsd.lora import AdapterTarget, model_linear_shapes, validate_adapter
 
     payload = read_adapter_dir(run.adapter, version=1)
     ranks = [payload.rank] + [int(r) for r in (payload.config.get("rank_pattern") or {}).values()]

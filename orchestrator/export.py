@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from orchestrator.config import OPSDConfig
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-_NO_RANK_LIMIT = 1 << 30  # the rank check of rollout.adapters is an engine's limit; an export has none
+_NO_RANK_LIMIT = 1 << 30  # the rank check of opsd.lora is an engine's limit; an export has none
 TAGS = ["opsd", "on-policy-self-distillation", "self-distillation"]
 
 
@@ -176,14 +176,14 @@ def _with_base(payload: AdapterPayload, base: str) -> AdapterPayload:
 
 
 def _same_model(a: str, b: str) -> bool:
-    from rollout.adapters import same_base_model
+    from opsd.lora import same_base_model
 
     return same_base_model(a, b)
 
 
 def _check_fits_base_model(source: ExportSource) -> None:
     """The adapter's LoRA layers against the base model's linear layers (a meta-device model: no weights)."""
-    from rollout.adapters import AdapterTarget, model_linear_shapes, validated_lora_weights
+    from opsd.lora import AdapterTarget, model_linear_shapes, validated_lora_weights
 
     try:
         shapes = model_linear_shapes(source.base_model, source.revision, source.trust_remote_code)
@@ -280,7 +280,7 @@ def export(source: ExportSource, out: str | os.PathLike, merge: bool = False, ov
 
 
 def _check_merge_input(source: ExportSource) -> None:
-    from rollout.merge import check_mergeable
+    from opsd.lora import check_mergeable
 
     try:
         check_mergeable(source.payload)
@@ -440,7 +440,7 @@ def _steps_text(facts: TrainingFacts) -> str:
 
 def _data_text(cfg: Any) -> str:
     """The data file and its number of problems, counted as training counted them, when the file is here."""
-    from orchestrator.data import load_dataset
+    from opsd.data import load_dataset
 
     text = f"`{cfg.data.path}` (mapping `{cfg.data.mapping}`)"
     if not Path(cfg.data.path).is_file():
@@ -464,7 +464,7 @@ def _results_lines(facts: TrainingFacts) -> list[str]:
     elif facts.heldout_before is not None:
         lines.append(f"Held-out GJS before training: {facts.heldout_before:.5f}.")
     else:
-        lines.append("No held-out GJS was measured (`train.eval_rows` was 0).")
+        lines.append("No held-out GJS was measured (`train.heldout_rows` was 0).")
     lines.append("")
     if facts.last_eval is None:
         return lines + ["No benchmark evaluation was recorded during training (`eval.every`).", ""]

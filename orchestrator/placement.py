@@ -23,7 +23,7 @@ base) and learner (``learner.num_workers`` ranks). ``placement.mode`` picks how 
   (They set Ray's accounting, not memory: size vLLM's ``rollout.gpu_memory_utilization`` to leave room for the
   teacher and the learner.)
 * ``cpu``: no GPUs. Each rollout engine asks for as many CPUs as the cores it binds to (``cpu_threads_per_worker``,
-  or the node's cores split evenly: see ``rollout.resources.cpu_cores_for``); teachers and learner ranks one each.
+  or the node's cores split evenly: see ``rollout.config.cpu_cores_for``); teachers and learner ranks one each.
   On one machine the stages run one after another and time-share the cores: an embedded cluster declares
   ``cores + teachers + learners`` logical CPUs (the orchestrator's ``logical_cpus``), which this plan fits.
 * ``auto``: ``cpu`` when no stage asks for GPUs (every ``gpus_per_worker`` is 0), or when the cluster has no GPU and
@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from opsd.configlib import ConfigError
 from opsd.errors import UserInputError
-from rollout.resources import cpu_cores_for
+from rollout.config import cpu_cores_for
 
 if TYPE_CHECKING:
     from ray.util.placement_group import PlacementGroup

@@ -10,7 +10,7 @@ import pyarrow as pa
 from opsd.hf import load_tokenizer
 from opsd.prompts import PromptBuilder, PromptLengths
 from orchestrator.config import OPSDConfig
-from orchestrator.data import load_dataset
+from opsd.data import load_dataset
 
 
 @dataclass(frozen=True)

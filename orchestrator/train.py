@@ -26,7 +26,7 @@ from opsd.adapter import AdapterPayload, write_adapter_dir  # noqa: E402
 from opsd.atomic import write_text_atomic  # noqa: E402
 from opsd.configlib import ConfigError  # noqa: E402
 from orchestrator.config import OPSDConfig, ineffective_keys, load_config, save_config  # noqa: E402
-from orchestrator.data import load_dataset  # noqa: E402
+from opsd.data import load_dataset  # noqa: E402
 from orchestrator.metrics import MetricsSink, read_metrics, run_throughput  # noqa: E402
 from orchestrator.placement import logical_cpus  # noqa: E402
 from orchestrator.sampler import Cursor, EpochSampler  # noqa: E402

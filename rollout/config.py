@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Sequence
 
 from opsd.configlib import ConfigError, check
 from opsd.sampling import Sampling, check_sampling
@@ -144,3 +144,26 @@ def resolve_adapter_serving(mode: str, *, on_cpu: bool) -> AdapterServing:
         raise ConfigError("rollout.adapter_serving",
                           f"must be one of {', '.join(map(repr, ADAPTER_SERVING_CHOICES))}, got {mode!r}")
     return mode  # type: ignore[return-value]
+
+
+def cpu_cores_for(worker_index: int, num_workers: int, threads_per_worker: int | None,
+                  available: Sequence[int]) -> tuple[int, ...]:
+    """The cores of worker ``worker_index`` of ``num_workers`` engines sharing a machine with usable ``available``."""
+    cores = sorted(available)
+    if threads_per_worker is None:
+        per_worker = len(cores) // num_workers
+        if per_worker < 1:
+            raise ConfigError("rollout.num_workers", f"{num_workers} rollout workers need a core each; this machine "
+                              f"has {len(cores)} usable cores ({core_list(cores)})")
+    else:
+        per_worker = threads_per_worker
+        if per_worker * num_workers > len(cores):
+            raise ConfigError("rollout.cpu_threads_per_worker", f"{num_workers} rollout workers x {per_worker} cores "
+                              f"do not fit the {len(cores)} usable cores of this machine ({core_list(cores)})")
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(f"worker_index {worker_index} is not in [0, {num_workers})")
+    return tuple(cores[worker_index * per_worker:(worker_index + 1) * per_worker])
+
+
+def core_list(cores: Sequence[int]) -> str:
+    return ",".join(str(c) for c in cores)

@@ -10,14 +10,14 @@ what ``PeftModel`` computes with the adapter unmerged:
   the pattern at a ``.`` boundary, first match wins), else from ``r`` / ``lora_alpha``; the layer's ``lora_A`` must
   have that rank.
 * ``fan_in_fan_out`` transposes the delta for layers that store their weight as (in, out) (GPT-2's ``Conv1D``).
-  Every layer an adapter may target here is a ``torch.nn.Linear`` (:mod:`rollout.adapters`), stored (out, in), and
+  Every layer an adapter may target here is a ``torch.nn.Linear`` (:mod:`opsd.lora`), stored (out, in), and
   PEFT resets the flag to False on those: it does not change the merge.
 * The sum is computed in float32 and cast to the engine's dtype once (the rounding vLLM applies to any checkpoint).
 
-What the formula does not express is refused (:func:`check_mergeable`): inits that change the base weights when
+What the formula does not express is refused (:func:`opsd.lora.check_mergeable`): inits that change the base weights when
 PEFT loads the adapter (PiSSA, OLoRA, CorDA, LoftQ), activated LoRA, ``layer_replication``, block-diagonal LoRA,
 LoRA on parameters, trainable tokens. DoRA, LoRA bias, QALoRA, ``bias`` and ``modules_to_save`` are refused for both
-serving modes by :func:`rollout.adapters.validate_adapter`.
+serving modes by :func:`opsd.lora.validate_adapter`.
 
 **Base weights.** On CPU vLLM repacks each linear layer's weight into a kernel-specific form and drops the plain
 tensor, so ``W0`` cannot be read back from the engine: :func:`read_base_weights` reads it once from the model's
@@ -38,43 +38,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from opsd.adapter import AdapterError, AdapterPayload
+from opsd.lora import check_mergeable
 from opsd.configlib import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-    from rollout.adapters import LoraWeights
+    from opsd.lora import LoraWeights
 
-# init_lora_weights values that only choose the adapter's initial A and B: the saved adapter is a plain LoRA
-# (the same list vLLM 0.32 accepts, vllm.lora.peft_helper).
-_PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
-# PEFT config keys whose (non-empty) value means something W0 + scale * B @ A cannot express.
-_UNMERGEABLE = {
-    "alora_invocation_tokens": "activated LoRA (applies only after its invocation tokens)",
-    "layer_replication": "layer_replication (changes the model's layers)",
-    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
-    "target_parameters": "LoRA on parameters (target_parameters)",
-    "trainable_token_indices": "trainable tokens (changes the embeddings)",
-}
 _CONFIG_KEY = "rollout.adapter_serving"
-
-
-def check_mergeable(payload: AdapterPayload) -> None:
-    """Raise :class:`AdapterError` if the adapter uses a PEFT feature that merging does not reproduce."""
-    where = f"adapter version {payload.version}"
-    config = payload.config
-    for key, feature in _UNMERGEABLE.items():
-        if config.get(key):
-            raise AdapterError(f"{where}: {feature} ({key}) cannot be served as merged weights")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() not in _PLAIN_INITS:
-        raise AdapterError(
-            f"{where}: init_lora_weights={init!r} cannot be served as merged weights: PEFT changes the base weights "
-            "when it loads such an adapter (PiSSA, OLoRA, CorDA, LoftQ). Convert it to a plain LoRA with PEFT's "
-            "path_initial_model_for_weight_conversion when saving"
-        )
-    if not isinstance(config.get("lora_alpha"), (int, float)) or isinstance(config.get("lora_alpha"), bool):
-        raise AdapterError(f"{where}: adapter_config.json has no numeric lora_alpha (got {config.get('lora_alpha')!r})")
 
 
 def _pattern_value(patterns: Mapping[str, Any] | None, module: str) -> Any:
@@ -158,7 +130,7 @@ def merged_weights(payload: AdapterPayload, lora: Mapping[str, LoraWeights], bas
     """Every base tensor in ``dtype``, with ``scale * B @ A`` added to the weight of each layer ``lora`` holds.
 
     Layers the adapter does not hold are their base weight, so the result does not depend on what the engine
-    served before. ``lora`` is the adapter's validated weights (:func:`rollout.adapters.validated_lora_weights`).
+    served before. ``lora`` is the adapter's validated weights (:func:`opsd.lora.validated_lora_weights`).
     Raises :class:`AdapterError` if a layer's rank disagrees with the config or a merged weight is not finite in
     ``dtype``.
     """

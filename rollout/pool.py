@@ -24,7 +24,8 @@ from opsd.prompts import PromptConfig
 from opsd.sampling import Sampling
 from opsd.tables import TableRefs, concat_tables, shard_rows
 from rollout.config import RolloutConfig
-from rollout.table import RolloutSummary, with_rollout_stats
+from opsd.schema import with_rollout_stats
+from rollout.table import RolloutSummary
 from rollout.worker import RolloutWorker, WorkerInfo
 
 RolloutActor = ray.remote(RolloutWorker)

@@ -44,7 +44,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from opsd.configlib import ConfigError
 from opsd.model import ModelSpec
-from rollout.config import RolloutConfig
+from rollout.config import RolloutConfig, core_list
 
 GIB = 1 << 30
 
@@ -58,31 +58,12 @@ class EngineLaunch:
     cpu_cores: tuple[int, ...] | None = None  # None: no binding (GPU)
 
 
-def cpu_cores_for(worker_index: int, num_workers: int, threads_per_worker: int | None,
-                  available: Sequence[int]) -> tuple[int, ...]:
-    """The cores of worker ``worker_index`` of ``num_workers`` engines sharing a machine with usable ``available``."""
-    cores = sorted(available)
-    if threads_per_worker is None:
-        per_worker = len(cores) // num_workers
-        if per_worker < 1:
-            raise ConfigError("rollout.num_workers", f"{num_workers} rollout workers need a core each; this machine "
-                              f"has {len(cores)} usable cores ({_core_list(cores)})")
-    else:
-        per_worker = threads_per_worker
-        if per_worker * num_workers > len(cores):
-            raise ConfigError("rollout.cpu_threads_per_worker", f"{num_workers} rollout workers x {per_worker} cores "
-                              f"do not fit the {len(cores)} usable cores of this machine ({_core_list(cores)})")
-    if not 0 <= worker_index < num_workers:
-        raise ValueError(f"worker_index {worker_index} is not in [0, {num_workers})")
-    return tuple(cores[worker_index * per_worker:(worker_index + 1) * per_worker])
-
-
 def engine_launch(model: ModelSpec, config: RolloutConfig, *, on_cpu: bool, lora_layers: Sequence[str] | None,
                   max_lora_rank: int = 64, cpu_cores: Sequence[int] | None = None) -> EngineLaunch:
     """The engine arguments and start environment for ``model`` under ``config`` (see the module docstring).
 
     ``lora_layers``: short names of the linear layers adapters may target (``q_proj``, ...; see
-    :func:`rollout.adapters.model_linear_shapes`). Only those get LoRA slots in the engine, of rank
+    :func:`opsd.lora.model_linear_shapes`). Only those get LoRA slots in the engine, of rank
     ``max_lora_rank``. None: an engine without LoRA (adapters served as merged weights, :mod:`rollout.serving`).
     """
     kwargs: dict[str, Any] = dict(
@@ -129,7 +110,7 @@ def engine_launch(model: ModelSpec, config: RolloutConfig, *, on_cpu: bool, lora
     env: dict[str, str | None] = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_KVCACHE_SPACE": None,
-        "VLLM_CPU_OMP_THREADS_BIND": _core_list(cores),
+        "VLLM_CPU_OMP_THREADS_BIND": core_list(cores),
         "OMP_NUM_THREADS": str(len(cores)),
     }
     return EngineLaunch(kwargs=kwargs, env=env, cpu_cores=cores)
@@ -168,7 +149,3 @@ def bind_process_to_cores(cores: Sequence[int]) -> None:
             except ProcessLookupError:  # a thread that ended meanwhile
                 continue
     torch.set_num_threads(len(allowed))
-
-
-def _core_list(cores: Sequence[int]) -> str:
-    return ",".join(str(c) for c in cores)

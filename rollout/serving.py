@@ -1,6 +1,6 @@
 """The two ways a rollout engine serves an adapter version (``rollout.adapter_serving``).
 
-Both take an adapter that :mod:`rollout.adapters` has already validated, and both either serve it completely or
+Both take an adapter that :mod:`opsd.lora` has already validated, and both either serve it completely or
 raise :class:`opsd.adapter.AdapterError` with the engine still serving the previous version.
 
 * :class:`LoraServing` (``lora``, the GPU default): vLLM's LoRA support. Each version is written to a PEFT directory
@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from opsd.adapter import AdapterError, AdapterPayload, write_adapter_dir
 from opsd.configlib import ConfigError
-from rollout.adapters import LoraWeights
+from opsd.lora import LoraWeights
 from rollout.config import AdapterServing
 from rollout.merge import BaseWeights, base_weights_in, merged_weights
 

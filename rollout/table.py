@@ -9,24 +9,20 @@ outside the scheme is refused (:class:`opsd.schema.TableError`): there would be 
 Seeds. Each trace samples from its own random stream, seeded from ``(seed, sample_id)``. A row therefore gives the
 same trace whichever worker, batch or shard it lands in, and again when it is re-dispatched after a worker died.
 
-Statistics. What a call did beyond its rows (rows left out because their prompt was too long, tokens generated,
-generate time) travels with the table, in its schema metadata under ``opsd.rollout``: the table stays the one object
-the orchestrator passes on (an object ref), and :func:`rollout_stats` reads it back anywhere.
+Statistics (``opsd.schema.RolloutStats``) travel with the table, in its schema metadata; a
+:class:`RolloutSummary` is what the driver reads of a shard without fetching it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import pyarrow as pa
 
-from opsd.schema import ROLLOUT_FIELDS, TableError, parse_sample_id, sample_id
+from opsd.schema import ROLLOUT_FIELDS, RolloutStats, TableError, parse_sample_id, rollout_stats, sample_id
 from opsd.tables import list_column
-
-STATS_KEY = b"opsd.rollout"
 
 
 # -- sample ids and seeds ----------------------------------------------------------------------------------------
@@ -52,33 +48,6 @@ def trace_seed(seed: int, sample: str) -> int:
 
 # -- statistics --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class RolloutStats:
-    """What one generate call (or several, merged) did besides returning rows."""
-
-    prompts: int  # problem rows received
-    samples: int  # rows returned (prompts kept x n)
-    skipped_ids: tuple[str, ...] = ()  # problem rows left out: prompt too long (on_long_prompt = "skip")
-    generated_tokens: int = 0
-    truncated: int = 0  # samples that hit max_tokens (finish_reason "length")
-    generate_seconds: float = 0.0  # wall time of the generate calls, summed over workers
-
-    @property
-    def skipped(self) -> int:
-        return len(self.skipped_ids)
-
-    @classmethod
-    def merge(cls, parts: Sequence[RolloutStats]) -> RolloutStats:
-        return cls(
-            prompts=sum(p.prompts for p in parts),
-            samples=sum(p.samples for p in parts),
-            skipped_ids=tuple(i for p in parts for i in p.skipped_ids),
-            generated_tokens=sum(p.generated_tokens for p in parts),
-            truncated=sum(p.truncated for p in parts),
-            generate_seconds=sum(p.generate_seconds for p in parts),
-        )
-
-
-@dataclass(frozen=True)
 class RolloutSummary:
     """What the driver reads of a rollout shard (the table itself travels on as an object ref)."""
 
@@ -102,21 +71,6 @@ class RolloutSummary:
     def merge(cls, parts: Sequence[RolloutSummary]) -> RolloutSummary:
         return cls(tuple(i for p in parts for i in p.sample_ids), tuple(v for p in parts for v in p.policy_versions),
                    tuple(n for p in parts for n in p.response_lengths), RolloutStats.merge([p.stats for p in parts]))
-
-
-def with_rollout_stats(table: pa.Table, stats: RolloutStats) -> pa.Table:
-    metadata = dict(table.schema.metadata or {})
-    metadata[STATS_KEY] = json.dumps(asdict(stats), sort_keys=True).encode()
-    return table.replace_schema_metadata(metadata)
-
-
-def rollout_stats(table: pa.Table) -> RolloutStats:
-    raw = (table.schema.metadata or {}).get(STATS_KEY)
-    if raw is None:
-        raise TableError("table has no rollout statistics (it was not made by a RolloutWorker)")
-    data = json.loads(raw)
-    data["skipped_ids"] = tuple(data["skipped_ids"])
-    return RolloutStats(**data)
 
 
 # -- the table ---------------------------------------------------------------------------------------------------

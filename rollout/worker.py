@@ -30,7 +30,7 @@ Decisions:
 * **Prompt length**: a prompt longer than ``max_model_len - max_tokens`` cannot get its full response budget. It
   is refused before anything is generated, naming the sample ids (:class:`PromptTooLongError`), or with
   ``on_long_prompt: skip`` left out and counted (``RolloutStats.skipped_ids``). The engine never sees it.
-* **Adapter versions** are validated before the engine sees them (:mod:`rollout.adapters`, the same checks for
+* **Adapter versions** are validated before the engine sees them (:mod:`opsd.lora`, the same checks for
   both serving modes) and replace the previous version. A bad adapter raises :class:`opsd.adapter.AdapterError` and
   the worker keeps serving the version it had. Version 0 is the base model. Rows carry the version that sampled
   them (``policy_version``). How a version reaches the engine is ``rollout.adapter_serving``
@@ -71,20 +71,26 @@ from opsd.lora import VLLM_LORA_RANKS
 from opsd.model import ModelSpec, as_model_spec
 from opsd.prompts import PromptBuilder, PromptConfig
 from opsd.sampling import Sampling
-from opsd.schema import FINISH_REASONS, TableError, TableMetadata, check_table, with_metadata
-from rollout.adapters import AdapterTarget, model_linear_shapes, validated_lora_weights
-from rollout.config import RolloutConfig, resolve_adapter_serving
-from rollout.resources import bind_process_to_cores, cpu_cores_for, engine_launch, scoped_environ
+from opsd.schema import (
+    FINISH_REASONS,
+    RolloutStats,
+    TableError,
+    TableMetadata,
+    check_table,
+    with_metadata,
+    with_rollout_stats,
+)
+from opsd.lora import AdapterTarget, model_linear_shapes, validated_lora_weights
+from rollout.config import RolloutConfig, cpu_cores_for, resolve_adapter_serving
+from rollout.resources import bind_process_to_cores, engine_launch, scoped_environ
 from rollout.serving import AdapterServer, EngineWeightsError, LoraServing, MergedServing
 from rollout.table import (
-    RolloutStats,
     RolloutSummary,
     Trace,
     check_no_rollout_columns,
     rollout_sample_ids,
     rollout_table,
     trace_seed,
-    with_rollout_stats,
 )
 
 

@@ -1,4 +1,4 @@
-"""Tests of orchestrator.data: the column mappings, the canonical table, and every bad-input error."""
+"""Tests of opsd.data: the column mappings, the canonical table, and every bad-input error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator.data import (
+from opsd.data import (
     MAPPINGS,
     SCHEMA,
     ColumnMapping,

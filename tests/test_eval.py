@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.data import DataError
+from opsd.data import DataError
 from evaluation.benchmarks import BUILTIN, load_benchmarks, parse_columns, resolve_benchmark
 from evaluation.config import EvalConfig
 from evaluation.extract import extract_answer, extract_boxed, extract_gsm8k, vote_key

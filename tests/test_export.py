@@ -58,7 +58,7 @@ def run_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """A finished 2-step run: adapters v1 and v2 (different random LoRAs), its config, summary and metrics."""
     run = tmp_path_factory.mktemp("export") / "run"
     cfg = load_config(None, [f"model.path={tiny_model_dir}", f"data.path={GSM8K}", "data.mapping=gsm8k",
-                             "train.steps=2", "train.prompts_per_step=1", "train.eval_rows=2", f"train.run_dir={run}"])
+                             "train.steps=2", "train.prompts_per_step=1", "train.heldout_rows=2", f"train.run_dir={run}"])
     run.mkdir()
     save_config(cfg, run / "config.yaml")
     for version, seed in ((1, 1), (2, 2)):

@@ -65,7 +65,7 @@ def test_killed_rollout_and_teacher_workers_are_replaced_and_rows_come_back_once
     import ray
 
     from orchestrator.config import load_config
-    from orchestrator.data import load_dataset
+    from opsd.data import load_dataset
     from orchestrator.sampler import EpochSampler
     from orchestrator.stages import Stages
 
@@ -142,7 +142,7 @@ def test_a_hung_rollout_worker_is_replaced_after_the_call_timeout(tiny_model_dir
 
 def problem_batch():
     from orchestrator.config import DataConfig
-    from orchestrator.data import load_dataset
+    from opsd.data import load_dataset
     from orchestrator.sampler import EpochSampler
 
     table, _ = load_dataset(DataConfig(path=str(DATA), mapping="gsm8k"), required=("problem", "solution"))

@@ -14,22 +14,20 @@ import pytest
 from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir
 from opsd.configlib import ConfigError
 from opsd.schema import PROBLEM_SCHEMA, TableError, TableMetadata, check_table, sample_id, with_metadata
-from rollout.config import RolloutConfig, resolve_adapter_serving
+from rollout.config import RolloutConfig, cpu_cores_for, resolve_adapter_serving
 from opsd.lora import VLLM_LORA_RANKS, engine_lora_rank
 from opsd.model import ModelSpec
 from opsd.schema import parse_sample_id
 from opsd.tables import TableRefs, concat_tables, shard_bounds, shard_rows
-from rollout.resources import cpu_cores_for, engine_launch, scoped_environ
+from rollout.resources import engine_launch, scoped_environ
+from opsd.schema import RolloutStats, rollout_stats, with_rollout_stats
 from rollout.table import (
-    RolloutStats,
     RolloutSummary,
     Trace,
     check_no_rollout_columns,
     rollout_sample_ids,
-    rollout_stats,
     rollout_table,
     trace_seed,
-    with_rollout_stats,
 )
 
 META = TableMetadata(model="m", tokenizer="abc", vocab_size=10)
@@ -248,7 +246,7 @@ def test_prompt_too_long_error_names_ids_and_survives_pickling():
 def adapter_setup(tiny_model_dir: Path, tmp_path_factory):
     from helpers.rollout_reference import make_lora_adapter
 
-    from rollout.adapters import AdapterTarget, model_linear_shapes
+    from opsd.lora import AdapterTarget, model_linear_shapes
 
     shapes = model_linear_shapes(str(tiny_model_dir))
     target = AdapterTarget(base_model=str(tiny_model_dir), max_rank=8, linear_shapes=shapes)
@@ -265,7 +263,7 @@ def test_model_linear_shapes_are_the_blocks_linear_layers(adapter_setup):
 
 
 def test_validate_adapter_accepts_a_peft_lora(adapter_setup):
-    from rollout.adapters import validate_adapter
+    from opsd.lora import validate_adapter
 
     target, good = adapter_setup
     assert validate_adapter(good, target) == 14  # 7 layers x 2 blocks
@@ -297,7 +295,7 @@ def _broken_weights(payload: AdapterPayload, edit) -> AdapterPayload:
 def test_validate_adapter_names_what_is_wrong(adapter_setup, case, message):
     import torch
 
-    from rollout.adapters import validate_adapter
+    from opsd.lora import validate_adapter
 
     target, good = adapter_setup
     q_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -345,7 +343,7 @@ def _peft_merged_state(model_dir: Path, adapter_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def merge_setup(tiny_model_dir: Path):
-    from rollout.adapters import AdapterTarget, model_linear_shapes
+    from opsd.lora import AdapterTarget, model_linear_shapes
     from rollout.merge import read_base_weights
 
     shapes = model_linear_shapes(str(tiny_model_dir))
@@ -377,7 +375,7 @@ def test_base_weights_are_the_targetable_layers_only(merge_setup, tiny_model_dir
 def test_merged_weights_equal_peft_merge_and_unload(merge_setup, tiny_model_dir, tmp_path, case, options):
     import torch
 
-    from rollout.adapters import validated_lora_weights
+    from opsd.lora import validated_lora_weights
     from rollout.merge import merged_weights
 
     target, base = merge_setup
@@ -399,7 +397,7 @@ def test_merged_weights_ignore_fan_in_fan_out_on_linear_layers_as_peft_does(merg
 
     import torch
 
-    from rollout.adapters import validated_lora_weights
+    from opsd.lora import validated_lora_weights
     from rollout.merge import merged_weights
 
     target, base = merge_setup
@@ -417,7 +415,7 @@ def test_merged_weights_ignore_fan_in_fan_out_on_linear_layers_as_peft_does(merg
 def test_merged_weights_are_summed_in_float32_then_cast_to_the_engine_dtype(merge_setup, tiny_model_dir, tmp_path):
     import torch
 
-    from rollout.adapters import validated_lora_weights
+    from opsd.lora import validated_lora_weights
     from rollout.merge import merged_weights
 
     target, base = merge_setup
@@ -443,7 +441,7 @@ def test_merged_weights_are_summed_in_float32_then_cast_to_the_engine_dtype(merg
     ],
 )
 def test_check_mergeable_refuses_what_the_merge_cannot_express(config, message):
-    from rollout.merge import check_mergeable
+    from opsd.lora import check_mergeable
 
     payload = AdapterPayload(version=2, weights=b"", config={"r": 8, "lora_alpha": 16} | config)
     with pytest.raises(AdapterError, match=re.escape(message)):
@@ -455,7 +453,7 @@ def test_check_mergeable_refuses_what_the_merge_cannot_express(config, message):
 def test_merged_weights_refuse_a_rank_the_config_does_not_give(merge_setup, adapter_setup):
     import torch
 
-    from rollout.adapters import validated_lora_weights
+    from opsd.lora import validated_lora_weights
     from rollout.merge import merged_weights
 
     target, base = merge_setup
@@ -470,7 +468,7 @@ def test_read_base_weights_names_what_the_checkpoint_lacks(tiny_model_dir, tmp_p
     import torch
     from safetensors.torch import load_file, save_file
 
-    from rollout.adapters import model_linear_shapes
+    from opsd.lora import model_linear_shapes
     from rollout.merge import read_base_weights
 
     shapes = model_linear_shapes(str(tiny_model_dir))

@@ -30,7 +30,7 @@ from opsd.hf import tokenizer_fingerprint
 from opsd.prompts import PromptBuilder
 from opsd.schema import PROBLEM_SCHEMA, TableMetadata, check_table, read_metadata, sample_id
 from rollout.config import RolloutConfig
-from rollout.table import rollout_stats
+from opsd.schema import rollout_stats
 
 pytestmark = pytest.mark.slow
 
