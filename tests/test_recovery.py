@@ -31,6 +31,11 @@ def test_gather_shards_redoes_dead_workers_only():
         def fail(self) -> int:
             raise ValueError("bad shard")
 
+        def die(self) -> int:
+            import os
+
+            os._exit(1)  # the process dies inside the call: a death, whatever the timing
+
     with local_ray(num_cpus=2):
         workers = [Worker.remote() for _ in range(3)]
         refs = [w.work.remote(i, 5.0 if i == 1 else 0.0) for i, w in enumerate(workers)]
@@ -51,13 +56,10 @@ def test_gather_shards_redoes_dead_workers_only():
 
         # A worker that keeps dying: bounded.
         def redo_dead(i):
-            dead = Worker.remote()
-            ray.kill(dead)
-            return dead.work.remote(i)
+            return Worker.remote().die.remote()
 
-        ray.kill(workers[2])
         with pytest.raises(WorkerLostError, match="test worker 0 died 3 times"):
-            gather_shards([workers[2].work.remote(2)], redo_dead, timeout_s=60, max_retries=2, what="test",
+            gather_shards([workers[2].die.remote()], redo_dead, timeout_s=60, max_retries=2, what="test",
                           log=log.append)
 
 
