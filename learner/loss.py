@@ -1,64 +1,11 @@
-"""The OPSD distillation loss: generalized Jensen-Shannon divergence, fused with ``lm_head``, in chunks.
+"""The OPSD distillation loss: generalized Jensen-Shannon divergence between student and teacher at every response
+token, fused with ``lm_head`` and computed a chunk of positions at a time, with a closed-form gradient.
 
-Per response position, with student p = softmax(z_s / tau) and teacher q = softmax(z_t / tau):
+    out = gjs_loss(hidden[mask], lm_head.weight, TopKTeacher(ids, logprobs, tail), kind="topk_tail", beta=0.5,
+                   temperature=tau, normalizer=global_response_tokens)
+    out.loss.backward()
 
-    m = beta q + (1 - beta) p
-    GJS_beta(q, p) = beta KL(q || m) + (1 - beta) KL(p || m)          0 < beta < 1
-    beta = 0: KL(q || p) (forward),   beta = 1: KL(p || q) (reverse)     (GKD's convention for the limits)
-
-Loss = sum of the per-token divergence over the selected response tokens / ``normalizer`` (the number of response
-tokens in the whole global batch), so micro-batches and ranks add up to the same token-level mean.
-
-Why fused: at Qwen3's vocabulary (V = 151,936) the student's ``[T, V]`` logits of one 2K-token trace take 1.2 GB in
-float32, and the naive form (TRL's GKD, the paper's code) keeps a dozen such tensors alive for backward. Here the
-student's hidden states go in, and ``lm_head`` + log-softmax + divergence run one chunk of positions at a time. The
-gradient w.r.t. the chunk's logits has a closed form (below), so each chunk's contribution to the gradients of the
-hidden states, ``lm_head`` weight and bias is computed right there and the chunk's logits are freed: peak extra memory
-is a few chunk-sized ``[C, V]`` tensors, whatever T is. Gradients are exact, not approximated; the tests check them
-against a float64 autograd reference.
-
-Gradient. Group the vocabulary into categories c with student mass P_c and teacher mass Q_c (each token alone for
-'full'; the teacher's top-k ids plus one tail bucket for 'topk_tail'). With g_c = dD/dP_c:
-
-    0 < beta < 1:  g_c = (1 - beta) (log P_c - log M_c)      (the other terms cancel, entry by entry)
-    beta = 1:      g_c = log P_c - log Q_c
-    dD/du_i = p_i (g_c(i) - sum_c P_c g_c)                   u = z / tau, i in category c(i)
-    beta = 0:      dD/du_i = p_i - Q_c(i) p_i / P_c(i)        (computed in log space)
-
-Variants ("kind"):
-  full           every token is its own category; the teacher is given as logits or as hidden states + lm_head.
-  topk_tail      the teacher's top-k ids + one bucket for the rest (what crosses the network). A lower bound of the
-                 full GJS (data processing inequality), equal to it as k -> V. The student's tail mass is a
-                 logsumexp over the non-top-k log-probs, never 1 - sum(top-k), which cancels catastrophically.
-  topk_renorm    both sides renormalised over the k ids, no tail: the paper code's ``top_k_loss`` (ablation only; a
-                 different objective).
-  sampled_token  the sampled token only (the paper's ablation, "Thinking Machines" loss): the value is the per-token
-                 estimate log p(y) - log q(y) of KL(p || q); the gradient is its score-function estimator
-                 (log p(y) - log q(y)) * grad log p(y), i.e. the gradient of -(advantage.detach() * log p(y)).
-
-Clipping (``clip_mode``, with the threshold ``clip``; ``clip=None`` turns clipping off whatever the mode):
-  token      a token's divergence D is replaced by min(D, clip); a clipped token contributes no gradient.
-  pointwise  each category's term t_c (D = sum_c t_c) is capped before the sum: D_clip = sum_c min(t_c, clip), with the
-             gradient that implies (a capped category drops out, see below). The per-entry terms are
-                 beta = 0:      t_c = Q_c log(Q_c / P_c)        (can be negative, and so can D_clip)
-                 beta = 1:      t_c = P_c log(P_c / Q_c)        (can be negative, and so can D_clip)
-                 0 < beta < 1:  t_c = beta Q_c log(Q_c / M_c) + (1 - beta) P_c log(P_c / M_c)   (>= 0: log-sum ineq.)
-             i.e. the mixture-form GJS term is capped as a whole, not its two KL parts. Categories: the V tokens
-             ('full'), the k ids + the tail bucket ('topk_tail'), the k renormalised ids ('topk_renorm').
-             'sampled_token' has one term per token, so pointwise is the token clip there.
-  none       no clipping (``clip`` must then be None).
-  Source of the pointwise semantics: the paper authors' code, siyan-zhao/OPSD ``opsd_trainer.py``
-  ``generalized_jsd_loss(..., token_clip)`` (``--jsd_token_clip 0.05`` in their scripts): ``jsd.clamp(max=token_clip)``
-  on the unreduced [B, T, V] ``F.kl_div(reduction="none")`` terms (after the beta-mixing for 0 < beta < 1), before the
-  mask and the vocabulary sum; in its ``top_k`` mode (our 'topk_renorm') on the k renormalised terms. Its maintainers
-  confirm in siyan-zhao/OPSD issue #2 that this per-vocabulary clip (negative losses included) is intended. That code
-  never clips the sampled-token loss, and has no top-k + tail bucket: the clip of those two here is our extension.
-  ``num_clipped / num_clip_entries`` (tokens, or token x category entries) is the step's ``clip_fraction``.
-
-Pointwise-clip gradient: with keep_c = [t_c <= clip], g_c = keep_c dt_c/dP_c in dD/du_i = p_i (g_c(i) - sum_c P_c g_c):
-    0 < beta < 1:  dt_c/dP_c = (1 - beta) log(P_c / M_c) exactly, per entry (as above, nothing to cancel)
-    beta = 1:      dt_c/dP_c = log(P_c / Q_c) + 1: the +1 no longer cancels once categories are dropped
-    beta = 0:      dD/du_i = A p_i - keep_c(i) Q_c(i) p_i / P_c(i),  A = sum_c keep_c Q_c   (A = 1 unclipped)
+Definitions, kinds, clip modes and the gradient formulas: docs/ARCHITECTURE.md ("The loss").
 """
 
 from __future__ import annotations
@@ -152,8 +99,8 @@ def gjs_loss(
     ``mask [...]`` (bool) selects the response positions; teacher tensors share ``hidden``'s leading dims.
     ``normalizer``: the token count the sum is divided by (default: the tokens selected here). Pass the global
     batch's response-token count when the batch is split into micro-batches or ranks.
-    ``clip`` (> 0) with ``clip_mode`` 'token' (default) or 'pointwise': see the module docstring. ``clip=None`` means
-    no clipping in any mode; ``clip_mode='none'`` with a ``clip`` is a contradiction and raises ValueError.
+    ``clip`` (> 0) with ``clip_mode`` 'token' (default) or 'pointwise': docs/ARCHITECTURE.md ("The loss"). No
+    clipping in any mode with ``clip=None``; ``clip_mode='none'`` with a ``clip`` is a contradiction (ValueError).
     """
     _check_arguments(hidden, weight, teacher, kind, beta, temperature, chunk_size, clip, clip_mode)
     lead = hidden.shape[:-1]

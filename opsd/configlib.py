@@ -1,22 +1,9 @@
 """Typed configs from YAML: the generic machinery, with no knowledge of any opsd section.
 
-A config is a tree of plain dataclasses. Every field carries ``metadata={"doc": ...}`` (the README's config
-reference is generated from it with :func:`describe`). Loading goes
-
     load_yaml(path)  ->  apply_overrides(data, ["a.b=1", ...])  ->  from_dict(Cls, data)
 
-``from_dict`` checks every value against the field's annotation, rejects unknown keys (with a suggestion), then
-runs each section's optional ``validate()`` method, nested sections first. Every error is a :class:`ConfigError`
-that names the full dotted key, so a user can fix the YAML line or the override that caused it.
-
-A section may list keys of earlier versions in a ``RETIRED_KEYS`` class attribute (``{old key: what replaced it}``)
-so that an old config fails with the way forward. Sections report range and cross-field errors with keys relative
-to themselves::
-
-    def validate(self) -> None:
-        check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
-
-and ``from_dict`` / :func:`validate_all` prefix the section's path (``learner.lora.rank``).
+Every error is a :class:`ConfigError` naming the full dotted key. Fields, ``validate()``, ``check`` and
+``RETIRED_KEYS``: docs/ARCHITECTURE.md ("Configs and data").
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""Dataset loading and validation: a JSONL or Parquet file in, one canonical Arrow table out.
+"""Dataset loading and validation: a JSONL or Parquet file in, one canonical Arrow table out (``id``, ``problem``,
+``solution``, ``answer``).
 
-Every source is mapped by a :class:`ColumnMapping` onto four canonical fields and returned as a ``pyarrow.Table``
-with exactly the columns ``id`` (string), ``problem`` (string), ``solution`` (string, nullable) and ``answer``
-(string, nullable), in file order. The whole input is validated before anything is returned ("bad input is rejected
-before work starts", DESIGN.md), and every :class:`DataError` names the file, the line (JSONL, 1-based) or row
-(Parquet, 0-based) and the field with its source column.
-
-JSONL is parsed line by line with :mod:`json` rather than with ``pyarrow.json``, so that an error names the exact
-line and one bad line does not hide the others. Parquet is read with :mod:`pyarrow.parquet`, in batches, only the
-mapped columns.
+The whole input is validated before anything is returned; every :class:`DataError` names the file, the line or row
+and the field. Mappings and ids: docs/ARCHITECTURE.md ("Configs and data").
 """
 
 from __future__ import annotations

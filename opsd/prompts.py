@@ -1,7 +1,7 @@
 """Student and teacher prompts: the one place where OPSD's two contexts are built.
 
 The student sees the problem alone; the teacher sees the problem, the verified reference solution and a
-transition instruction, then the student's trace appended unchanged (DESIGN.md, "Teacher context"). Both go
+transition instruction, then the student's trace appended unchanged (docs/ARCHITECTURE.md, "The teacher"). Both go
 through the model's own chat template, so the same code serves Qwen3, Llama/ChatML and any HF tokenizer.
 
 Templates are plain strings with the placeholders ``{problem}``, ``{solution}`` and ``{instruction}``. Only those

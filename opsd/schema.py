@@ -72,7 +72,7 @@ _SAMPLE_ID_RE = re.compile(r"^(?P<row>.+)@e(?P<epoch>\d+)r(?P<rollout>\d+)$")
 
 @dataclass(frozen=True)
 class RolloutStats:
-    """What one generate call (or several, merged) did besides returning rows."""
+    """What one generate call (or several, combined) did besides returning rows."""
 
     prompts: int  # problem rows received
     samples: int  # rows returned (prompts kept x n)

@@ -1,13 +1,6 @@
-"""Teacher contexts: teacher prompt (problem + reference solution + transition) followed by the student's trace.
-
-Shared by the teacher actor (top-k scoring) and the learner's in-process teacher (full-vocabulary loss), so both see
-exactly the same context.
-
-The student's ``response_ids`` are appended token for token, never re-tokenised and never cut: the loss needs the
-teacher's distribution at every position the student produced. When a context is longer than the teacher may hold,
-the configured policy applies to the *solution*: ``truncate_solution`` keeps its beginning and end around a marker
-(the final answer usually sits at the end), ``skip`` leaves the row out and counts it. A row that cannot fit even
-with the solution shortened to nothing is skipped and counted under its own reason.
+"""Teacher contexts: the teacher prompt (problem + reference solution + transition) followed by the student's trace,
+token for token. Shared by the teacher actors and the learner's in-process teacher (full-vocabulary loss), so both see
+exactly the same context. The over-length policy: docs/ARCHITECTURE.md ("The teacher").
 """
 
 from __future__ import annotations

@@ -1,19 +1,4 @@
-"""The ``opsd`` command line.
-
-    opsd model tiny --out DIR                 random-init Qwen3 with the real Qwen3 tokenizer (offline)
-    opsd model import-gguf --out DIR [--gguf]  GGUF (default: SmolLM2-135M-Instruct) -> HF safetensors
-    opsd data check FILE --mapping gsm8k       load and validate a dataset, print what was kept
-    opsd config show [--config FILE] [k=v ...] the resolved config, as YAML
-    opsd config reference [--write]            every config key with type, default and doc (Markdown; --write: README)
-    opsd prompts [--config FILE] [k=v ...]     the first student and teacher prompts, with token counts
-    opsd train --config FILE [k=v ...]         train (embedded Ray, or the cluster at RAY_ADDRESS)
-    opsd quickstart                            what `make quickstart` runs
-    opsd plot RUN_DIR [--out FILE]             loss, GJS, throughput and step-time curves of a run (PNG)
-    opsd export RUN_DIR|ADAPTER_DIR --out DIR [--merge] [--push-to-hub REPO]
-                                               the adapter (or the merged model), tokenizer and a model card
-    opsd eval --model M [--adapter DIR] --bench aime24,gsm8k [--n 16] [--limit N] [--out DIR]
-                                               avg@n, pass@k, maj@n per benchmark (RolloutWorkers on Ray)
-    opsd eval --compare RUN_A RUN_B            two evaluation runs side by side, with paired 95% intervals
+"""The ``opsd`` command line: ``opsd --help`` lists the subcommands, README.md ("Commands") shows them in use.
 
 Each subcommand is a small function; the work lives in the modules they call.
 """

@@ -1,20 +1,11 @@
 """``opsd export``: a trained adapter as a directory to share, as the PEFT adapter or merged into the base model.
 
-    opsd export RUN_DIR --out DIR                    the newest adapters/vN (or --version N), tokenizer, model card
-    opsd export RUN_DIR --out DIR --merge            base model + adapter merged: safetensors, tokenizer, generation
-                                                     config, model card
-    opsd export ADAPTER_DIR --out DIR [--base-model M]    any PEFT LoRA directory (base from its adapter_config.json)
-    opsd export ... --push-to-hub USER/NAME          then upload DIR with huggingface_hub
+    opsd export RUN_DIR --out DIR [--merge]           the newest adapters/vN (or --version N), tokenizer, model card
+    opsd export ADAPTER_DIR --out DIR [--base-model M]
+    opsd export ... --push-to-hub USER/NAME
 
-Everything that can be wrong with the input (the directory, its files, the adapter's fit to the base model, the
-output directory, the repo id) is checked by :func:`resolve_source` and :func:`check_output` before a weight is
-loaded. The output is built in a temporary sibling directory and renamed into place (:mod:`opsd.atomic`): a failed
-export leaves nothing at ``--out``. Pushing comes after the export is complete, so a push that fails (offline, no
-token) loses nothing: the message says so and how to push later.
-
-Merging uses PEFT's own ``merge_and_unload`` on the base model loaded in float32 (the sum ``W0 + scale * B @ A``
-exactly as PEFT computes it), then casts once to the base checkpoint's dtype: what any checkpoint in that dtype
-holds. Base weights are read from safetensors only and remote code runs only if the run's config turned it on.
+Everything is checked before a weight is loaded, the output appears whole or not at all, and the merge is PEFT's
+own in float32: README.md ("Export").
 """
 
 from __future__ import annotations

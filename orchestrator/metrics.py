@@ -1,16 +1,5 @@
-"""Per-step metrics: to Ray's metrics endpoint (the dashboard's views, Prometheus) and to ``metrics.jsonl``.
-
-Every step produces one flat record. Each numeric field of it is exported as a Ray gauge named ``opsd_<field>``
-(Ray adds its ``ray_`` prefix at the endpoint), with per-stage values as one gauge and a ``stage`` tag, and the whole
-record is appended to ``<run_dir>/metrics.jsonl`` and flushed, so a plot or a test can read it while the run goes on.
-
-Every ``opsd_*`` gauge carries a ``run`` tag (``RUN_TAG``): the run's name, by default the last component of its run
-directory (``train.run_dir``). Two jobs on one cluster export the same gauges from the same head; the tag keeps their
-series apart (the Grafana dashboard selects one with its ``run`` variable).
-
-Ray 2.60 exports a gauge only for about two seconds after it was last set, so a step longer than that would leave
-the dashboard blank until the next step: the sink sets every gauge's latest value again each ``refresh_s`` seconds
-until it is closed.
+"""Per-step metrics: to Ray's metrics endpoint (gauges ``opsd_<field>``, the dashboard, Prometheus) and to
+``metrics.jsonl``. Tags and the gauge refresh: docs/ARCHITECTURE.md ("The loop").
 """
 
 from __future__ import annotations

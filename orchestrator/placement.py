@@ -1,54 +1,11 @@
 """The resource plan: which Ray resources each stage's actors get, reserved up front with placement groups.
 
     plan = ResourcePlan.from_config(cfg, ClusterView.current())
-    print(plan.describe())
     reservation = reserve(plan, timeout_s=cfg.placement.placement_timeout_s, autoscaling=cfg.placement.autoscaling)
-    actor = TeacherActor.options(**reservation.options_for("teacher", 0)).remote(...)
-    ...
-    reservation.release()                                      # removes the placement groups (and kills their actors)
+    pool = RolloutPool(..., actor_options=reservation.stage_options("rollout"))
+    reservation.release()                         # removes the placement groups (and kills their actors)
 
-A plan has three pools, one per stage: rollout (``rollout.num_workers`` vLLM engines), teacher
-(``teacher.num_workers``; absent when ``learner.loss.kind`` is ``full``: the learner then scores with its own frozen
-base) and learner (``learner.num_workers`` ranks). ``placement.mode`` picks how they share the cluster:
-
-* ``split``: each stage on its own GPUs, ``gpus_per_worker`` each, one CPU per actor. One placement group per pool,
-  strategy PACK: the learner's ranks land on as few nodes as possible (their gradient all-reduce stays on NVLink) and
-  rollout engines and teachers fill nodes instead of fragmenting them; PACK, not STRICT_PACK, so a pool larger than
-  a node still places, across nodes. Rollout engines and teachers run no collectives among themselves, so SPREAD
-  would buy them nothing but partly used nodes.
-* ``colocate``: every actor on one GPU, time-sharing it: one placement group of one bundle (the whole GPU and a CPU
-  per actor); each actor asks for its stage's ``gpus_per_worker`` as a fraction, and the fractions must sum to <= 1
-  (one learner rank: NCCL cannot put two ranks on one GPU, which also rules out fractional GPUs for several ranks
-  in ``split``).
-  (They set Ray's accounting, not memory: size vLLM's ``rollout.gpu_memory_utilization`` to leave room for the
-  teacher and the learner.)
-* ``cpu``: no GPUs. Each rollout engine asks for as many CPUs as the cores it binds to (``cpu_threads_per_worker``,
-  or the node's cores split evenly: see ``rollout.config.cpu_cores_for``); teachers and learner ranks one each.
-  On one machine the stages run one after another and time-share the cores: an embedded cluster declares
-  ``cores + teachers + learners`` logical CPUs (the orchestrator's ``logical_cpus``), which this plan fits.
-* ``auto``: ``cpu`` when no stage asks for GPUs (every ``gpus_per_worker`` is 0), or when the cluster has no GPU and
-  ``placement.autoscaling`` is off; else ``split`` (an autoscaling cluster without GPU nodes yet gets the GPU request
-  that makes its autoscaler add them). The plan says which and why (``plan.reason``).
-
-**Tensor parallelism** (``rollout.tensor_parallel_size`` = tp > 1). vLLM runs a tp > 1 engine inside a Ray actor
-with its Ray executor: it places one worker per TP rank on the GPU bundles of the engine's placement group, and
-refuses bundles of more than one GPU ("Placement group bundle cannot have more than 1 GPU", vLLM 0.32
-``v1/executor/ray_utils.py``); without ``VLLM_RAY_BUNDLE_INDICES`` it takes the group's first tp GPU bundles. So
-each such engine gets a placement group of its own: tp bundles of one GPU (the first also holds the engine actor's
-CPU), STRICT_PACK, so that the TP all-reduce of every layer stays inside one node. The engine actor itself asks for
-no GPU; its vLLM workers take them (one each, ``VLLM_RAY_PER_WORKER_GPUS``). One bundle of tp GPUs with the actor
-holding all of them would only work with vLLM's multiprocessing executor, which vLLM does not pick inside a
-placement group. ``rollout.gpus_per_worker`` must then equal tp.
-
-**Fit check and waiting.** Before reserving, the plan is compared with the cluster's alive nodes: per resource, the
-total must fit the cluster's total, and every bundle (every STRICT_PACK group, as a whole) must fit on one node.
-These are necessary conditions only, so a plan that fails them can never be placed: without
-``placement.autoscaling`` that fails at once with a ``PlacementError`` naming the pool, what it needs, what the
-cluster has and what is missing. With it, nothing is refused up front (the autoscaler may add nodes: whether a
-cluster autoscales is not reliably visible from Ray's public API, so the config says it); the placement groups are
-requested, which is what makes the autoscaler act. Either way the wait for the groups is bounded by
-``placement.placement_timeout_s`` and reported while it lasts; on timeout the groups are removed and the error names
-the pools still pending and what the cluster lacks now.
+Modes, tensor-parallel engines, the fit check and the bounded wait: docs/ARCHITECTURE.md ("Placement").
 """
 
 from __future__ import annotations
@@ -129,7 +86,7 @@ class ActorSlot:
 
 @dataclass(frozen=True)
 class ResourcePlan:
-    """Every actor's resources and the placement groups that reserve them (see the module docstring)."""
+    """Every actor's resources and the placement groups that reserve them (docs/ARCHITECTURE.md, "Placement")."""
 
     mode: Mode
     reason: str  # why this mode, for logs: "placement.mode=split", "placement.mode=auto: the cluster has no GPU"

@@ -4,7 +4,8 @@
     ray job submit --working-dir . -- python -m orchestrator.train --config recipes/tiny-cpu.yaml
 
 The loop holds the stage pools (:mod:`orchestrator.stages`), passes object refs from pool to pool and reads back
-only metrics. Staleness, outputs and resuming: docs/ARCHITECTURE.md ("The loop").
+only metrics. The steps and outputs: docs/ARCHITECTURE.md ("The loop"); staleness: ("Adapters"); resuming:
+("Failures and resuming").
 """
 
 from __future__ import annotations

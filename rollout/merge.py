@@ -1,30 +1,6 @@
-"""An adapter version as merged weights: ``W = W0 + scale * B @ A``, and the base weights ``W0`` it starts from.
-
-Used by the ``merged`` way of serving adapters (:mod:`rollout.serving`); nothing here touches vLLM.
-
-The merge follows PEFT (0.21, ``LoraLayer.update_layer`` / ``get_delta_weight``), so that the merged model computes
-what ``PeftModel`` computes with the adapter unmerged:
-
-* ``scale = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora``. A layer's ``r`` and ``lora_alpha``
-  come from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches its name (PEFT's rule: the name ends with
-  the pattern at a ``.`` boundary, first match wins), else from ``r`` / ``lora_alpha``; the layer's ``lora_A`` must
-  have that rank.
-* ``fan_in_fan_out`` transposes the delta for layers that store their weight as (in, out) (GPT-2's ``Conv1D``).
-  Every layer an adapter may target here is a ``torch.nn.Linear`` (:mod:`opsd.lora`), stored (out, in), and
-  PEFT resets the flag to False on those: it does not change the merge.
-* The sum is computed in float32 and cast to the engine's dtype once (the rounding vLLM applies to any checkpoint).
-
-What the formula does not express is refused (:func:`opsd.lora.check_mergeable`): inits that change the base weights when
-PEFT loads the adapter (PiSSA, OLoRA, CorDA, LoftQ), activated LoRA, ``layer_replication``, block-diagonal LoRA,
-LoRA on parameters, trainable tokens. DoRA, LoRA bias, QALoRA, ``bias`` and ``modules_to_save`` are refused for both
-serving modes by :func:`opsd.lora.validate_adapter`.
-
-**Base weights.** On CPU vLLM repacks each linear layer's weight into a kernel-specific form and drops the plain
-tensor, so ``W0`` cannot be read back from the engine: :func:`read_base_weights` reads it once from the model's
-safetensors, by Hugging Face name, for the layers an adapter may target only (the transformer blocks' linear
-layers; not the embeddings or the output head). Tensors keep the checkpoint's dtype (a bfloat16 checkpoint is held
-in bfloat16; widening to float32 is exact). Each layer is held whole, bias included, so that every vLLM layer a
-merge writes (``qkv_proj`` is q, k and v) is written completely.
+"""An adapter version as merged weights: ``W = W0 + scale * B @ A`` (as PEFT computes it), and the base weights ``W0``
+read once from the model's safetensors. Used by the ``merged`` way of serving adapters (:mod:`rollout.serving`);
+nothing here touches vLLM. The rules and what is refused: docs/ARCHITECTURE.md ("Adapters").
 """
 
 from __future__ import annotations

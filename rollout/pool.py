@@ -122,7 +122,7 @@ class RolloutPool:
 
     def generate(self, problems: pa.Table, sampling: Sampling | None = None,
                  timeout_s: float | None = None) -> pa.Table:
-        """Launch, collect and fetch: the whole rollout table here, with the merged statistics (evaluation)."""
+        """Launch, collect and fetch: the whole rollout table here, with the combined statistics (evaluation)."""
         rollouts = self.collect(self.launch(problems, sampling), timeout_s)
         return with_rollout_stats(concat_tables(get(list(rollouts.tables.refs), self.call_timeout_s)),
                                   rollouts.summary.stats)

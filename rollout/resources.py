@@ -1,37 +1,7 @@
 """How a rollout engine is started: vLLM arguments, the process environment during the start, and CPU cores.
 
-CPU (no GPU visible to vLLM):
-
-* **KV cache from config, always.** Left to itself vLLM's CPU backend takes a large share of the machine's RAM.
-  The size is passed as the engine argument ``kv_cache_memory_bytes`` (``rollout.cpu_kv_cache_gib``), and the
-  legacy ``VLLM_CPU_KVCACHE_SPACE`` variable is removed while the engine starts: vLLM lets it override the
-  argument, and it only takes whole GiB.
-* **In-process engine** (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``distributed_executor_backend="uni"``): the
-  engine runs in the worker's own process, so it starts in seconds instead of half a minute and one rollout worker
-  is one process. ``tensor_parallel_size`` must be 1 on CPU.
-* **Own cores.** vLLM binds CPU threads only in its multiprocess executor; in-process, the worker binds itself:
-  every thread of the process is pinned to the worker's cores (``sched_setaffinity``) and torch gets one thread per
-  core, before the engine starts (vLLM then forbids changing the thread count). ``OMP_NUM_THREADS`` is set to the
-  same count so that vLLM keeps it, and ``VLLM_CPU_OMP_THREADS_BIND`` to the core list (only vLLM's multiprocess
-  executor reads it; set so that it never contradicts the actual binding). By default worker ``i`` of
-  ``num_workers`` gets the ``i``-th block of ``cpu_threads_per_worker`` cores (or an even split): with two
-  workers on a 2-core machine, cores 0 and 1.
-* **No LoRA in the engine by default** (``rollout.adapter_serving: auto`` is ``merged`` on CPU): vLLM 0.32's CPU
-  LoRA path re-copies the LoRA weights at every token of every LoRA layer, so decoding with an adapter ran ~10x
-  slower than the base model (benchmarks/RESULTS.md). Adapter versions are merged into the engine's weights instead
-  (:mod:`rollout.serving`) and the engine is built without ``enable_lora``. With ``adapter_serving: lora`` the
-  engine gets LoRA slots on the transformer blocks only (``lora_target_modules``, see :func:`engine_launch`).
-* **No chunked prefill**: with it, vLLM's CPU build fails on seeded requests whose batch needs more than one
-  prefill step (see :func:`engine_launch`); every opsd trace is seeded.
-* ``enforce_eager`` (config, default on): compiling took 88 s to start and gave no speed-up on CPU.
-
-GPU: vLLM's defaults (engine core in its own process), with ``tensor_parallel_size`` and
-``gpu_memory_utilization`` from config; no variables are set and no cores are bound. Adapters are served with vLLM's
-LoRA kernels (``adapter_serving: auto`` is ``lora`` there).
-
-Environment variables are set only around the engine's construction and restored afterwards, so nothing leaks into
-the caller's process (vLLM caches its variables once its engine is up). In a Ray actor the process is the worker's
-own anyway. The thread binding is per process by nature: a process that builds a CPU engine is bound to its cores.
+CPU engines get their KV cache size from config, run in-process on their own cores, without chunked prefill;
+GPU engines keep vLLM's defaults. Why: docs/ARCHITECTURE.md ("Rollout engines").
 """
 
 from __future__ import annotations
@@ -60,7 +30,7 @@ class EngineLaunch:
 
 def engine_launch(model: ModelSpec, config: RolloutConfig, *, on_cpu: bool, lora_layers: Sequence[str] | None,
                   max_lora_rank: int = 64, cpu_cores: Sequence[int] | None = None) -> EngineLaunch:
-    """The engine arguments and start environment for ``model`` under ``config`` (see the module docstring).
+    """Engine arguments and start environment for ``model`` under ``config`` (docs/ARCHITECTURE.md, "Rollout engines").
 
     ``lora_layers``: short names of the linear layers adapters may target (``q_proj``, ...; see
     :func:`opsd.lora.model_linear_shapes`). Only those get LoRA slots in the engine, of rank

@@ -1,28 +1,9 @@
-"""The two ways a rollout engine serves an adapter version (``rollout.adapter_serving``).
+"""The two ways a rollout engine serves an adapter version (``rollout.adapter_serving``): ``lora`` (vLLM's LoRA
+support, the GPU default) and ``merged`` (written into the engine's weights, the CPU default).
 
-Both take an adapter that :mod:`opsd.lora` has already validated, and both either serve it completely or
-raise :class:`opsd.adapter.AdapterError` with the engine still serving the previous version.
-
-* :class:`LoraServing` (``lora``, the GPU default): vLLM's LoRA support. Each version is written to a PEFT directory
-  and added to the engine under a fresh LoRA name and int id (so no prefix-cache entry of an older version is
-  reused); the previous one is removed from the engine and from disk. ``generate`` passes the version's
-  ``LoRARequest``.
-* :class:`MergedServing` (``merged``, the CPU default): the engine runs without LoRA, and each version is written
-  into the engine's weights as ``W0 + scale * B @ A`` (:mod:`rollout.merge`). vLLM 0.32's CPU LoRA path re-copies
-  the LoRA weights at every token of every layer, so decoding with an adapter ran ~10x slower than the base
-  model; merged weights decode at the base model's speed, and an engine without LoRA slots is not slowed by them
-  either. The price is a weight write per version (the target layers, repacked by vLLM) and a host copy of the
-  target layers' base weights.
-
-Writing weights into a running CPU engine: vLLM's CPU linear layers repack their weight into a kernel-specific form
-and drop the plain tensor, so ``model.load_weights`` alone fails ("Attempted to load weight ... into parameter
-(torch.Size([0]))"). The worker method ``reload_weights`` (through ``LLM.collective_rpc``) restores each layer's
-loading shapes, loads through the model's own ``load_weights`` (which stacks q/k/v into ``qkv_proj`` and gate/up
-into ``gate_up_proj``) and repacks. It works on any subset of the model's layers as long as each vLLM layer it
-touches gets all its tensors (a half-written ``qkv_proj`` is processed with uninitialised memory for the rest):
-hence every write carries every targetable layer whole (:func:`rollout.merge.merged_weights`). The engine is
-in-process on CPU, so the tensors are passed by reference, not serialised. After the write the prefix cache is
-reset: KV blocks computed with the old weights must not be reused.
+Both take an adapter :mod:`opsd.lora` has validated, and either serve it completely or raise
+:class:`opsd.adapter.AdapterError` with the engine still serving the previous version. How and why:
+docs/ARCHITECTURE.md ("Adapters").
 """
 
 from __future__ import annotations
@@ -62,7 +43,7 @@ class AdapterServer(Protocol):
 
 
 class LoraServing:
-    """Adapters as vLLM LoRA requests (see the module docstring)."""
+    """Adapters as vLLM LoRA requests (docs/ARCHITECTURE.md, "Adapters")."""
 
     mode: AdapterServing = "lora"
 
@@ -114,7 +95,8 @@ class LoraServing:
 
 
 class MergedServing:
-    """Adapters written into the engine's weights (see the module docstring). Needs the in-process (CPU) engine."""
+    """Adapters written into the engine's weights (docs/ARCHITECTURE.md, "Adapters"). Needs the in-process (CPU)
+    engine."""
 
     mode: AdapterServing = "merged"
 

@@ -1,16 +1,5 @@
-"""Rollout rows: sample ids of the n traces of a prompt, their seeds, the rollout table and its statistics.
-
-Sample ids. The orchestrator sends one row per prompt whose ``sample_id`` is ``opsd.schema.sample_id(row, epoch, r)``
-(``"{row}@e{epoch}r{r}"``), naming the first rollout of that prompt (normally r = 0). Trace ``i`` of the ``n`` sampled
-for it gets ``sample_id(row, epoch, r + i)``. So with n = 1 the id comes back unchanged (any string is accepted), and
-with n > 1 the ids stay in the dataset-row / epoch / rollout-index scheme, distinct and stable. With n > 1 an id
-outside the scheme is refused (:class:`opsd.schema.TableError`): there would be no honest way to number its rollouts.
-
-Seeds. Each trace samples from its own random stream, seeded from ``(seed, sample_id)``. A row therefore gives the
-same trace whichever worker, batch or shard it lands in, and again when it is re-dispatched after a worker died.
-
-Statistics (``opsd.schema.RolloutStats``) travel with the table, in its schema metadata; a
-:class:`RolloutSummary` is what the driver reads of a shard without fetching it.
+"""Rollout rows: sample ids of the n traces of a prompt, their seeds, the rollout table and what the driver reads of
+it (:class:`RolloutSummary`). The id and seed rules: docs/ARCHITECTURE.md ("The step table").
 """
 
 from __future__ import annotations
@@ -27,7 +16,7 @@ from opsd.tables import list_column
 
 # -- sample ids and seeds ----------------------------------------------------------------------------------------
 def rollout_sample_ids(prompt_id: str, n: int) -> list[str]:
-    """Ids of the ``n`` traces sampled for the prompt row ``prompt_id`` (see the module docstring)."""
+    """Ids of the ``n`` traces sampled for the prompt row ``prompt_id`` (docs/ARCHITECTURE.md, "The step table")."""
     if n == 1:
         return [prompt_id]
     parsed = parse_sample_id(prompt_id)

@@ -1,54 +1,12 @@
 """RolloutWorker: a vLLM engine that samples the student's traces and hot-loads LoRA adapter versions.
 
-A plain class (usable without Ray; :mod:`rollout.actor` makes it a Ray actor). It serves one base model and one
-adapter version at a time::
+A plain class (``rollout.pool`` runs it as Ray actors), serving one base model and one adapter version at a time::
 
     worker = RolloutWorker(ModelSpec("Qwen/Qwen3-1.7B"), rollout_config)
-    table = worker.generate(problems)             # problems: opsd.schema.PROBLEM_SCHEMA rows
+    table = worker.generate(problems)             # problems table in, rollout table out (opsd.schema)
     worker.load_adapter(1, payload)               # AdapterPayload from the learner (or a PEFT directory)
-    table = worker.generate(problems)             # sampled with adapter version 1
 
-``generate`` builds each row's student prompt (:class:`opsd.prompts.PromptBuilder`, chat template applied),
-samples ``n`` traces per prompt and returns the rollout table of DESIGN.md (``opsd.schema.ROLLOUT_SCHEMA`` plus any
-extra input columns) carrying :class:`opsd.schema.TableMetadata` and :class:`rollout.table.RolloutStats`.
-
-Decisions:
-
-* **response_logprobs are the log-probs of the sampled tokens as sampled** (vLLM ``logprobs_mode=
-  "processed_logprobs"``): the log-probability under the distribution the token was actually drawn from, after
-  temperature, top-k and top-p (renormalised over the kept tokens). This is the behaviour policy, what an
-  importance-sampling or staleness correction needs. With top_k = -1 and top_p = 1 it is exactly
-  ``log_softmax(logits / temperature)``, the tempered full-vocabulary distribution the learner uses when the loss
-  temperature equals the sampling temperature (the paper's recipe); with temperature 0 (greedy) it is
-  ``log_softmax(logits)``. vLLM's default, ``raw_logprobs``, ignores temperature and truncation: it is not the
-  probability of the sample.
-* **Only what is needed is asked of vLLM**: the sampled token's log-prob (``logprobs=0``), flat
-  (``flat_logprobs=True``, no per-token dicts), token ids only (``detokenize=False``).
-* **Sample ids and seeds** (:mod:`rollout.table`): trace i of a prompt whose id is ``ROW@eErR`` gets
-  ``ROW@eEr(R+i)``; with n = 1 the id is unchanged. Each trace's random stream is seeded from (seed, sample id),
-  so a row's trace does not depend on which worker, batch or shard it lands in.
-* **Prompt length**: a prompt longer than ``max_model_len - max_tokens`` cannot get its full response budget. It
-  is refused before anything is generated, naming the sample ids (:class:`PromptTooLongError`), or with
-  ``on_long_prompt: skip`` left out and counted (``RolloutStats.skipped_ids``). The engine never sees it.
-* **Adapter versions** are validated before the engine sees them (:mod:`opsd.lora`, the same checks for
-  both serving modes) and replace the previous version. A bad adapter raises :class:`opsd.adapter.AdapterError` and
-  the worker keeps serving the version it had. Version 0 is the base model. Rows carry the version that sampled
-  them (``policy_version``). How a version reaches the engine is ``rollout.adapter_serving``
-  (:mod:`rollout.serving`):
-
-  - ``merged`` (``auto`` on CPU): the engine runs without vLLM LoRA; each version is merged into the weights of
-    the layers it targets (``W0 + scale * B @ A``, :mod:`rollout.merge`) and written into the running engine,
-    then the prefix cache is reset. vLLM 0.32's CPU LoRA path decodes ~10x slower than the base model; merged
-    weights decode at the base model's speed. The worker holds a host copy of the targetable layers' base weights
-    (read once from the checkpoint) to merge from and to restore for version 0.
-  - ``lora`` (``auto`` on GPU): each load gets a fresh vLLM LoRA name and int id (so no prefix-cache entry of an
-    older version is reused), is written to this worker's own temp directory, and the previous version is removed
-    from the engine and from disk.
-
-  Everything that can fail on the adapter is checked before the engine's state changes. A weight write that fails
-  part-way (not expected: the first write happens at start, with the base weights) leaves the worker refusing to
-  sample (:class:`rollout.serving.EngineWeightsError`) rather than sample from unknown weights.
-* Resources and engine start options: :mod:`rollout.resources`.
+Log-probs, prompt lengths, CPU engines and adapter versions: docs/ARCHITECTURE.md ("Rollout engines", "Adapters").
 """
 
 from __future__ import annotations
@@ -232,7 +190,7 @@ class RolloutWorker:
 
     # -- rollouts ------------------------------------------------------------------------------------------------
     def generate(self, problems: pa.Table, sampling: Sampling | None = None) -> pa.Table:
-        """Sample ``n`` traces for each problem row (see the module docstring for ids, log-probs and lengths)."""
+        """Sample ``n`` traces for each problem row (docs/ARCHITECTURE.md, "The step table" and "Rollout engines")."""
         started = time.perf_counter()
         if self._broken is not None:
             raise EngineWeightsError(f"this rollout worker cannot sample: {self._broken}")

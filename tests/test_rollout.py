@@ -1,4 +1,5 @@
-"""Rollout pieces that need no engine: sample ids and seeds, sharding and merging, adapter checks, engine launch."""
+"""Rollout pieces that need no engine: sample ids and seeds, sharding and concatenation, adapter checks, engine
+launch."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ def test_trace_seed_is_stable_and_distinct():
     assert len(seeds) == 150 and all(0 <= s < 2**63 for s in seeds)
 
 
-# -- the table, sharding, merging --------------------------------------------------------------------------------
+# -- the table, sharding, concatenation --------------------------------------------------------------------------
 def test_rollout_table_keeps_extra_columns_and_follows_the_contract():
     batch = problems(2).append_column("epoch", pa.array([0, 0], pa.int64()))
     table = fake_rollouts(batch, n=2, version=4)

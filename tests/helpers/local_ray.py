@@ -1,6 +1,6 @@
 """An embedded single-node Ray cluster for tests: loopback only, token auth off, always shut down.
 
-Two Ray settings must be explicit here (../shared/STACK-NOTES.md, "Ray"):
+Two Ray settings must be explicit here:
 
 * ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` keeps every listener on 127.0.0.1. Ray reads it once, when ``ray`` is
   first imported, so this module sets it at import time: import it before anything that imports ``ray``.
