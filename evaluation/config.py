@@ -9,7 +9,7 @@ answer in ``\\boxed{}``, through the model's chat template.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from opsd.configlib import check
 from opsd.sampling import check_sampling
@@ -17,29 +17,29 @@ from opsd.sampling import check_sampling
 
 @dataclass
 class EvalConfig:
-    """Evaluation on math benchmarks: avg@n, pass@k and maj@n with 95% intervals."""
+    """Evaluation on math eval sets: avg@n, pass@k and maj@n with 95% intervals."""
 
-    benchmarks: list[str] = field(
+    sets: list[str] = field(
         default_factory=lambda: ["aime24", "aime25", "hmmt25"],
-        metadata={"doc": "Built-in benchmarks (aime24, aime25, hmmt25, math500, gsm8k) or files as NAME=PATH "
+        metadata={"doc": "Eval sets: built-in ones (aime24, aime25, hmmt25, math500, gsm8k) or files as NAME=PATH "
                   "(JSONL/Parquet with a problem and an answer per row)."},
     )
     mapping: Literal["eval", "gsm8k", "openthoughts"] = field(
         default="eval",
-        metadata={"doc": "Column mapping preset of benchmarks given as files (built-in ones know their own)."},
+        metadata={"doc": "Column mapping preset of eval sets given as files (built-in ones know their own)."},
     )
     columns: dict[str, str] = field(
         default_factory=dict,
-        metadata={"doc": "Source column per field for benchmarks given as files, overriding the mapping's, e.g. "
+        metadata={"doc": "Source column per field for eval sets given as files, overriding the mapping's, e.g. "
                   "{problem: question, answer: final}."},
     )
     limit: int | None = field(
-        default=None, metadata={"doc": "Evaluate only the first N problems of each benchmark (>= 1). None: all."}
+        default=None, metadata={"doc": "Evaluate only the first N problems of each eval set (>= 1). None: all."}
     )
     every: int = field(
         default=0,
         metadata={"doc": "In training: evaluate every N steps with the rollout workers (current adapter), logged as "
-                  "eval/<benchmark>/<metric> metrics. 0: off. Ignored by `opsd eval`."},
+                  "eval/<set>/<metric> metrics. 0: off. Ignored by `opsd eval`."},
     )
     n: int = field(default=16, metadata={"doc": "Responses sampled per problem (the paper reports avg@16)."})
     temperature: float = field(default=1.0, metadata={"doc": "Sampling temperature, >= 0 (0 is greedy)."})
@@ -70,8 +70,12 @@ class EvalConfig:
         default=12 * 3600.0, metadata={"doc": "Longest wait for the responses of one evaluation, in seconds."}
     )
 
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "benchmarks": "renamed eval.sets",
+    }
+
     def validate(self) -> None:
-        check(bool(self.benchmarks), "benchmarks", "must name at least one benchmark")
+        check(bool(self.sets), "sets", "must name at least one eval set")
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or null, got {self.limit}")
         check(self.every >= 0, "every", f"must be >= 0 (0 is off), got {self.every}")
         check_sampling(self.temperature, self.top_p, self.top_k, self.n, self.seed)

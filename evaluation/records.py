@@ -1,4 +1,4 @@
-"""What an evaluation produces: one record per sample, and per-benchmark scores computed from those records.
+"""What an evaluation produces: one record per sample, and per-eval-set scores computed from those records.
 
 The records are the source of truth: ``samples.jsonl`` holds them, and both a run's scores and ``--compare`` are
 computed from them by :func:`summarize` / :func:`problem_scores`.
@@ -13,18 +13,18 @@ from typing import Any, Iterable, Sequence
 
 from evaluation.extract import vote_key
 from evaluation.grading import GRADE_STATUSES
-from evaluation.scores import Estimate, ProblemScore, majority_correct, score_benchmark
+from evaluation.scores import Estimate, ProblemScore, majority_correct, score_eval_set
 
 
 @dataclass(frozen=True)
 class SampleRecord:
     """One sampled response, graded (a line of ``samples.jsonl``)."""
 
-    benchmark: str
+    eval_set: str
     problem_id: str
     sample_index: int  # 0 .. n-1 within the problem
     sample_id: str
-    reference: str  # the benchmark's answer
+    reference: str  # the eval set's answer
     extracted: str | None  # the response's final answer (None: none found)
     status: str  # correct, wrong, no_answer, timeout, error
     correct: bool
@@ -39,8 +39,8 @@ class SampleRecord:
 
 
 @dataclass(frozen=True)
-class BenchmarkResult:
-    """Scores of one benchmark (fractions in [0, 1]) and what went into them."""
+class EvalSetResult:
+    """Scores of one eval set (fractions in [0, 1]) and what went into them."""
 
     name: str
     n: int
@@ -66,19 +66,19 @@ class BenchmarkResult:
 
 @dataclass
 class EvalResult:
-    """An evaluation: per-benchmark results, every sample, and where the time went."""
+    """An evaluation: per-eval-set results, every sample, and where the time went."""
 
-    benchmarks: dict[str, BenchmarkResult]
+    eval_sets: dict[str, EvalSetResult]
     samples: list[SampleRecord]
     seconds: dict[str, float] = field(default_factory=dict)  # generate, grade, total
     policy_version: int | None = None
 
     def metrics(self, prefix: str = "eval") -> dict[str, float]:
-        """Flat numbers for a metrics log: ``eval/<benchmark>/avg@16`` (with ``_ci95_low``/``_ci95_high``),
+        """Flat numbers for a metrics log: ``eval/<set>/avg@16`` (with ``_ci95_low``/``_ci95_high``),
         ``pass@k``, ``maj@n``, ``no_answer_rate``, ``grading_timeouts``, ``truncation_rate``,
         ``response_tokens``; and ``eval/seconds``."""
         out: dict[str, float] = {}
-        for name, result in self.benchmarks.items():
+        for name, result in self.eval_sets.items():
             base = f"{prefix}/{name}"
             for metric, estimate in result.scores.items():
                 out[f"{base}/{metric}"] = estimate.mean
@@ -96,17 +96,17 @@ class EvalResult:
 
 
 def problem_scores(samples: Iterable[SampleRecord]) -> dict[str, list[ProblemScore]]:
-    """Per benchmark, per problem (in first-seen order): n, number correct, and whether the majority is right."""
+    """Per eval set, per problem (in first-seen order): n, number correct, and whether the majority is right."""
     grouped: dict[str, dict[str, list[SampleRecord]]] = {}
     for sample in samples:
-        grouped.setdefault(sample.benchmark, {}).setdefault(sample.problem_id, []).append(sample)
+        grouped.setdefault(sample.eval_set, {}).setdefault(sample.problem_id, []).append(sample)
     scores: dict[str, list[ProblemScore]] = {}
-    for benchmark, problems in grouped.items():
-        scores[benchmark] = []
+    for eval_set, problems in grouped.items():
+        scores[eval_set] = []
         for problem_id, rows in problems.items():
             rows = sorted(rows, key=lambda r: r.sample_index)
             keys = [vote_key(r.extracted) if r.extracted is not None else None for r in rows]
-            scores[benchmark].append(ProblemScore(
+            scores[eval_set].append(ProblemScore(
                 problem_id=problem_id, n=len(rows), correct=sum(r.correct for r in rows),
                 majority_correct=majority_correct(keys, [r.correct for r in rows])))
     return scores
@@ -114,20 +114,20 @@ def problem_scores(samples: Iterable[SampleRecord]) -> dict[str, list[ProblemSco
 
 def summarize(samples: Sequence[SampleRecord], ks: Sequence[int] | None = None,
               skipped: dict[str, int] | None = None, order: Sequence[str] | None = None
-              ) -> dict[str, BenchmarkResult]:
-    """Per-benchmark results from graded samples (``order``: benchmark order, e.g. as requested)."""
+              ) -> dict[str, EvalSetResult]:
+    """Per-eval-set results from graded samples (``order``: eval set order, e.g. as requested)."""
     by_problem = problem_scores(samples)
-    results: dict[str, BenchmarkResult] = {}
-    for name in list(order or []) + [b for b in by_problem if b not in (order or [])]:
-        rows = [s for s in samples if s.benchmark == name]
+    results: dict[str, EvalSetResult] = {}
+    for name in list(order or []) + [other for other in by_problem if other not in (order or [])]:
+        rows = [s for s in samples if s.eval_set == name]
         problems = by_problem.get(name, [])
         counts = Counter(s.status for s in rows)
         tokens = [s.response_tokens for s in rows]
-        results[name] = BenchmarkResult(
+        results[name] = EvalSetResult(
             name=name,
             n=problems[0].n if problems else 0,
             problems=len(problems),
-            scores=score_benchmark(problems, ks),
+            scores=score_eval_set(problems, ks),
             statuses={status: counts.get(status, 0) for status in GRADE_STATUSES},
             truncated=sum(s.finish_reason == "length" for s in rows),
             mean_response_tokens=sum(tokens) / len(tokens) if tokens else math.nan,

@@ -2,13 +2,13 @@
 
 A run directory holds (written together, atomically: a crash never leaves half a run):
 
-    samples.jsonl   one line per sample: benchmark, problem id, sample index, response, extracted answer, reference,
+    samples.jsonl   one line per sample: eval set, problem id, sample index, response, extracted answer, reference,
                     grade status, correct, finish reason, response tokens, adapter version
-    results.json    model, adapter, prompt, settings, per-benchmark scores with 95% intervals, timings
+    results.json    model, adapter, prompt, settings, per-eval-set scores with 95% intervals, timings
     results.md      the Markdown table (percentages)
 
 ``opsd eval --compare RUN_A RUN_B`` recomputes both runs' per-problem scores from their ``samples.jsonl`` and
-prints, per benchmark and metric, A, B and B - A with the 95% interval of the paired difference over the problems
+prints, per eval set and metric, A, B and B - A with the 95% interval of the paired difference over the problems
 both runs evaluated; the difference "exceeds noise" when that interval excludes 0.
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Mapping
 from opsd.atomic import atomic_directory
 from opsd.errors import UserInputError
 from evaluation.scores import Estimate, ProblemScore, default_ks, paired_difference
-from evaluation.records import BenchmarkResult, EvalResult, SampleRecord, problem_scores
+from evaluation.records import EvalResult, EvalSetResult, SampleRecord, problem_scores
 
 SAMPLES_FILE = "samples.jsonl"
 RESULTS_FILE = "results.json"
@@ -41,12 +41,12 @@ def _with_interval(estimate: Estimate) -> str:
     return f"{_percent(estimate.mean)} [{_percent(estimate.low)}, {_percent(estimate.high)}]"
 
 
-def markdown_table(results: Mapping[str, BenchmarkResult]) -> str:
-    """One row per benchmark: scores in percent, avg@n with its 95% interval, and what went wrong."""
+def markdown_table(results: Mapping[str, EvalSetResult]) -> str:
+    """One row per eval set: scores in percent, avg@n with its 95% interval, and what went wrong."""
     metrics: list[str] = []
     for result in results.values():
         metrics += [name for name in result.scores if name not in metrics]
-    header = ["benchmark", "problems"] + metrics + ["no answer", "grading timeouts", "truncated", "mean tokens"]
+    header = ["eval set", "problems"] + metrics + ["no answer", "grading timeouts", "truncated", "mean tokens"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for result in results.values():
         cells = [result.name, str(result.problems)]
@@ -79,7 +79,7 @@ def write_run(out: str | os.PathLike, result: EvalResult, info: Mapping[str, Any
         **info,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "policy_version": result.policy_version,
-        "benchmarks": {name: r.to_dict() for name, r in result.benchmarks.items()},
+        "eval_sets": {name: r.to_dict() for name, r in result.eval_sets.items()},
         "seconds": result.seconds,
     }
     header = f"# Evaluation of {info.get('model', '?')}" + (f" + {info['adapter']}" if info.get("adapter") else "")
@@ -88,7 +88,7 @@ def write_run(out: str | os.PathLike, result: EvalResult, info: Mapping[str, Any
             for sample in result.samples:
                 f.write(json.dumps(sample.__dict__, ensure_ascii=False) + "\n")
         (tmp / RESULTS_FILE).write_text(json.dumps(_finite(results), indent=2) + "\n", encoding="utf-8")
-        (tmp / TABLE_FILE).write_text(header + "\n\n" + markdown_table(result.benchmarks), encoding="utf-8")
+        (tmp / TABLE_FILE).write_text(header + "\n\n" + markdown_table(result.eval_sets), encoding="utf-8")
     return Path(out)
 
 
@@ -124,7 +124,7 @@ def read_run(path: str | os.PathLike) -> tuple[dict[str, Any], list[SampleRecord
 
 
 # Settings that do not change what a response is scored against (which problems are compared is shown anyway).
-_NOT_SETTINGS = {"benchmarks", "mapping", "columns", "limit", "every", "pass_k", "grade_processes",
+_NOT_SETTINGS = {"sets", "mapping", "columns", "limit", "every", "pass_k", "grade_processes",
                  "generate_timeout_s"}
 
 
@@ -159,24 +159,24 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> str:
     lines = [f"A: {run_a}  ({info_a.get('model')}{' + ' + str(info_a['adapter']) if info_a.get('adapter') else ''})",
              f"B: {run_b}  ({info_b.get('model')}{' + ' + str(info_b['adapter']) if info_b.get('adapter') else ''})",
              ""]
-    header = ["benchmark", "metric", "A", "B", "B - A [95% CI]", "exceeds noise", "problems"]
+    header = ["eval set", "metric", "A", "B", "B - A [95% CI]", "exceeds noise", "problems"]
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * 4 + ["---:"]) + "|"]
     only = []
-    for benchmark in list(scores_a) + [b for b in scores_b if b not in scores_a]:
-        if benchmark not in scores_a or benchmark not in scores_b:
-            only.append(f"{benchmark} (only in {'A' if benchmark in scores_a else 'B'})")
+    for eval_set in list(scores_a) + [name for name in scores_b if name not in scores_a]:
+        if eval_set not in scores_a or eval_set not in scores_b:
+            only.append(f"{eval_set} (only in {'A' if eval_set in scores_a else 'B'})")
             continue
-        by_id_b = {p.problem_id: p for p in scores_b[benchmark]}
-        common_a = [p for p in scores_a[benchmark] if p.problem_id in by_id_b]
+        by_id_b = {p.problem_id: p for p in scores_b[eval_set]}
+        common_a = [p for p in scores_a[eval_set] if p.problem_id in by_id_b]
         if not common_a:
-            only.append(f"{benchmark} (no problem in common)")
+            only.append(f"{eval_set} (no problem in common)")
             continue
         common_b = [by_id_b[p.problem_id] for p in common_a]
         for label, metric in _comparable_metrics(common_a, common_b):
             d = paired_difference([p.value(metric) for p in common_a], [p.value(metric) for p in common_b])
             interval = "" if math.isnan(d.low) else f" [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"
             verdict = {True: "yes", False: "no", None: "n/a"}[d.beyond_noise]
-            lines.append(f"| {benchmark} | {label} | {_percent(d.a)} | {_percent(d.b)} | {100 * d.diff:+.1f}{interval} "
+            lines.append(f"| {eval_set} | {label} | {_percent(d.a)} | {_percent(d.b)} | {100 * d.diff:+.1f}{interval} "
                          f"| {verdict} | {d.count} |")
     lines.append("")
     lines.append("Scores in %, over the problems both runs evaluated; the interval is that of the mean paired "

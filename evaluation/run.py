@@ -1,10 +1,10 @@
 """Running an evaluation: a RolloutPool samples, this process extracts and grades, the records are scored.
 
-    evaluator = Evaluator(cfg.eval, tokenizer)        # loads and checks the benchmarks, starts the grading pool
+    evaluator = Evaluator(cfg.eval, tokenizer)        # loads and checks the eval sets, starts the grading pool
     evaluator.check_prompts(cfg.prompt, context)      # before any engine starts
-    result = evaluator.run(rollout_pool)              # -> EvalResult; result.metrics(): eval/<benchmark>/avg@n, ...
+    result = evaluator.run(rollout_pool)              # -> EvalResult; result.metrics(): eval/<set>/avg@n, ...
 
-Problem ids become sample ids ``<benchmark>:<id>@e0r<i>`` (each response seeded by its id); see docs/EVALUATION.md.
+Problem ids become sample ids ``<set>:<id>@e0r<i>`` (each response seeded by its id); see docs/EVALUATION.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from evaluation.benchmarks import Benchmark, load_benchmarks
+from evaluation.sets import EvalSet, load_eval_sets
 from evaluation.config import EvalConfig
 from evaluation.extract import extract_answer
 from evaluation.grading import Grader
@@ -34,13 +34,13 @@ def sampling_of(config: EvalConfig) -> Sampling:
                     max_tokens=config.max_tokens, seed=config.seed)
 
 
-def problem_table(benchmarks: Sequence[Benchmark], shuffle_seed: int = 0) -> pa.Table:
-    """Every benchmark's problems as one problems table (ids ``<benchmark>:<id>@e0r0``), rows shuffled."""
+def problem_table(eval_sets: Sequence[EvalSet], shuffle_seed: int = 0) -> pa.Table:
+    """Every eval set's problems as one problems table (ids ``<set>:<id>@e0r0``), rows shuffled."""
     ids, problems, answers = [], [], []
-    for bench in benchmarks:
-        ids += [sample_id(f"{bench.name}:{row_id}", 0, 0) for row_id in bench.table.column("id").to_pylist()]
-        problems += bench.table.column("problem").to_pylist()
-        answers += bench.table.column("answer").to_pylist()
+    for eval_set in eval_sets:
+        ids += [sample_id(f"{eval_set.name}:{row_id}", 0, 0) for row_id in eval_set.table.column("id").to_pylist()]
+        problems += eval_set.table.column("problem").to_pylist()
+        answers += eval_set.table.column("answer").to_pylist()
     table = pa.table({"sample_id": ids, "problem": problems, "solution": [None] * len(ids), "answer": answers},
                      schema=PROBLEM_SCHEMA)
     order = np.random.default_rng(shuffle_seed).permutation(table.num_rows)
@@ -52,8 +52,8 @@ def split_sample_id(value: str) -> tuple[str, str, int]:
     parsed = parse_sample_id(value)
     if parsed is None or ":" not in parsed[0]:
         raise ValueError(f"not an evaluation sample id: {value!r}")
-    benchmark, problem_id = parsed[0].split(":", 1)
-    return benchmark, problem_id, parsed[2]
+    eval_set, problem_id = parsed[0].split(":", 1)
+    return eval_set, problem_id, parsed[2]
 
 
 def decode_responses(table: pa.Table, tokenizer: Any, rows_per_batch: int = 256) -> list[str]:
@@ -66,19 +66,19 @@ def decode_responses(table: pa.Table, tokenizer: Any, rows_per_batch: int = 256)
     return texts
 
 
-def load_config_benchmarks(config: EvalConfig) -> list[Benchmark]:
-    return load_benchmarks(config.benchmarks, config.limit, config.mapping, config.columns)
+def load_config_eval_sets(config: EvalConfig) -> list[EvalSet]:
+    return load_eval_sets(config.sets, config.limit, config.mapping, config.columns)
 
 
-def run_eval(pool: Any, benchmarks: Sequence[Benchmark], config: EvalConfig, tokenizer: Any,
+def run_eval(pool: Any, eval_sets: Sequence[EvalSet], config: EvalConfig, tokenizer: Any,
              grader: Grader | None = None) -> EvalResult:
-    """Evaluate what ``pool`` (a ``rollout.pool.RolloutPool``) serves now on ``benchmarks``: every benchmark as
+    """Evaluate what ``pool`` (a ``rollout.pool.RolloutPool``) serves now on ``eval_sets``: every eval set as
     one batch, rows shuffled so that long and short problems spread evenly over the workers.
 
     ``tokenizer`` decodes the responses (the model's). ``grader``: a pool to reuse across calls; None starts one
     for this call and stops it after."""
     started = time.perf_counter()
-    table = pool.generate(problem_table(benchmarks, config.seed), sampling_of(config), config.generate_timeout_s)
+    table = pool.generate(problem_table(eval_sets, config.seed), sampling_of(config), config.generate_timeout_s)
     generated = time.perf_counter()
 
     responses = decode_responses(table, tokenizer)
@@ -95,16 +95,16 @@ def run_eval(pool: Any, benchmarks: Sequence[Benchmark], config: EvalConfig, tok
     columns = {name: table.column(name).to_pylist() for name in ("sample_id", "finish_reason", "policy_version")}
     lengths = pc.list_value_length(table.column("response_ids")).to_pylist()
     for i, sid in enumerate(columns["sample_id"]):
-        benchmark, problem_id, index = split_sample_id(sid)
+        eval_set, problem_id, index = split_sample_id(sid)
         samples.append(SampleRecord(
-            benchmark=benchmark, problem_id=problem_id, sample_index=index, sample_id=sid,
+            eval_set=eval_set, problem_id=problem_id, sample_index=index, sample_id=sid,
             reference=references[i], extracted=extracted[i], status=statuses[i],
             correct=statuses[i] == "correct", finish_reason=columns["finish_reason"][i],
             response_tokens=lengths[i], policy_version=columns["policy_version"][i],
             response=responses[i]))
-    position = {(b.name, pid): (k, j) for k, b in enumerate(benchmarks)
-                for j, pid in enumerate(b.table.column("id").to_pylist())}
-    samples.sort(key=lambda s: (position[(s.benchmark, s.problem_id)], s.sample_index))
+    position = {(e.name, pid): (k, j) for k, e in enumerate(eval_sets)
+                for j, pid in enumerate(e.table.column("id").to_pylist())}
+    samples.sort(key=lambda s: (position[(s.eval_set, s.problem_id)], s.sample_index))
 
     skipped: dict[str, int] = {}
     for prompt_id in rollout_stats(table).skipped_ids:
@@ -112,7 +112,7 @@ def run_eval(pool: Any, benchmarks: Sequence[Benchmark], config: EvalConfig, tok
         skipped[name] = skipped.get(name, 0) + 1
     versions = set(columns["policy_version"])
     return EvalResult(
-        benchmarks=summarize(samples, config.ks(), skipped, order=[b.name for b in benchmarks]),
+        eval_sets=summarize(samples, config.ks(), skipped, order=[e.name for e in eval_sets]),
         samples=samples,
         seconds={"generate": generated - started, "grade": graded - generated,
                  "total": time.perf_counter() - started},
@@ -121,16 +121,16 @@ def run_eval(pool: Any, benchmarks: Sequence[Benchmark], config: EvalConfig, tok
 
 
 class Evaluator:
-    """Benchmarks loaded and checked once, a tokenizer and a grading pool: :meth:`run` it every N training steps.
+    """Eval sets loaded and checked once, a tokenizer and a grading pool: :meth:`run` it every N training steps.
 
-    Bad benchmarks (unknown name, missing file, a row without problem or answer) raise here, at construction."""
+    Bad eval sets (unknown name, missing file, a row without problem or answer) raise here, at construction."""
 
-    def __init__(self, config: EvalConfig, tokenizer: Any, benchmarks: Sequence[Benchmark] | None = None):
-        """``benchmarks``: already loaded ones (default: load ``config``'s)."""
+    def __init__(self, config: EvalConfig, tokenizer: Any, eval_sets: Sequence[EvalSet] | None = None):
+        """``eval_sets``: already loaded ones (default: load ``config``'s)."""
         validate_all(config)
         self.config = config
         self.tokenizer = tokenizer
-        self.benchmarks = list(benchmarks) if benchmarks is not None else load_config_benchmarks(config)
+        self.eval_sets = list(eval_sets) if eval_sets is not None else load_config_eval_sets(config)
         self.grader = Grader(config.grade_processes, config.grade_timeout_s)
 
     def check_prompts(self, prompt: PromptConfig | None, context_tokens: int | None) -> None:
@@ -146,11 +146,12 @@ class Evaluator:
         builder = PromptBuilder(self.tokenizer, prompt)
         limit = context_tokens - max_tokens
         too_long = []
-        for bench in self.benchmarks:
-            for row_id, problem in zip(bench.table.column("id").to_pylist(), bench.table.column("problem").to_pylist()):
+        for eval_set in self.eval_sets:
+            rows = zip(eval_set.table.column("id").to_pylist(), eval_set.table.column("problem").to_pylist())
+            for row_id, problem in rows:
                 length = len(builder.student_prompt_ids(problem))
                 if length > limit:
-                    too_long.append(f"'{bench.name}:{row_id}' ({length} tokens)")
+                    too_long.append(f"'{eval_set.name}:{row_id}' ({length} tokens)")
         if too_long:
             more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
             raise UserInputError(
@@ -160,7 +161,7 @@ class Evaluator:
 
     def run(self, pool: Any) -> EvalResult:
         """Evaluate what ``pool`` (a ``rollout.pool.RolloutPool``) serves now."""
-        return run_eval(pool, self.benchmarks, self.config, self.tokenizer, self.grader)
+        return run_eval(pool, self.eval_sets, self.config, self.tokenizer, self.grader)
 
     def close(self) -> None:
         self.grader.close()

@@ -1,4 +1,4 @@
-"""Benchmark scores from graded samples: avg@n, unbiased pass@k, maj@n, with 95% intervals.
+"""Eval-set scores from graded samples: avg@n, unbiased pass@k, maj@n, with 95% intervals.
 
 Each problem has ``n`` sampled responses, ``c`` of them correct. Per problem:
 
@@ -8,7 +8,7 @@ Each problem has ``n`` sampled responses, ``c`` of them correct. Per problem:
 * **maj@n** = 1 if the most frequent extracted answer (:func:`~evaluation.extract.vote_key`; ties go
   to the answer seen first; samples without an answer do not vote) is correct, else 0.
 
-A benchmark's score is the mean over its problems. The 95% interval is the normal interval of that mean,
+An eval set's score is the mean over its problems. The 95% interval is the normal interval of that mean,
 mean ± 1.96 · s / sqrt(N), where s is the standard deviation over problems of the per-problem values (ddof 1) and
 N the number of problems, clipped to [0, 1]. The problems are the unit of sampling: this interval covers both the
 choice of problems and the sampling of responses (Miller 2024, "Adding Error Bars to Evals"). With N = 1 there is
@@ -121,7 +121,7 @@ def metric_names(n: int, ks: Sequence[int]) -> list[tuple[str, str]]:
     return [(f"avg@{n}", "avg")] + [(f"pass@{k}", f"pass@{k}") for k in ks] + [(f"maj@{n}", "maj")]
 
 
-def score_benchmark(problems: Sequence[ProblemScore], ks: Sequence[int] | None = None) -> dict[str, Estimate]:
+def score_eval_set(problems: Sequence[ProblemScore], ks: Sequence[int] | None = None) -> dict[str, Estimate]:
     """avg@n, pass@k for each k <= n of ``ks`` (default :func:`default_ks`), and maj@n over ``problems``.
 
     Every problem must have the same n (one run samples n responses per problem)."""

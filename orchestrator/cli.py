@@ -134,14 +134,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise UserInputError("opsd eval needs --model (an HF id or a model directory), or --compare RUN_A RUN_B")
     import time
 
-    from evaluation.benchmarks import parse_columns
+    from evaluation.sets import parse_columns
     from evaluation.config import EvalConfig
     from opsd.model import ModelSpec
     from opsd.prompts import PromptConfig
     from orchestrator.evaluate import EvalRun, evaluate
 
     config = EvalConfig(
-        benchmarks=[b.strip() for b in args.bench.split(",") if b.strip()], mapping=args.mapping,
+        sets=[s.strip() for s in args.sets.split(",") if s.strip()], mapping=args.mapping,
         columns=parse_columns(args.columns), limit=args.limit, n=args.n,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
         seed=args.seed, pass_k=_int_list(args.pass_k, "--pass-k"),
@@ -229,18 +229,20 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
 
     d = EvalConfig()
     ev = commands.add_parser(
-        "eval", help="evaluate a model (+ adapter) on math benchmarks: avg@n, pass@k, maj@n",
+        "eval", help="evaluate a model (+ adapter) on math eval sets: avg@n, pass@k, maj@n",
         description="Sample --n responses per problem with the student prompt, grade the last \\boxed{} answer "
         "with math-verify, report avg@n, pass@k and maj@n with 95% intervals. Or compare two runs.")
     ev.add_argument("--model", help="base model: HF id or local directory")
     ev.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory trained on --model")
-    ev.add_argument("--bench", default=",".join(d.benchmarks),
-                    help="comma-separated: aime24, aime25, hmmt25, math500, gsm8k, or files as NAME=PATH "
-                    f"(default: {','.join(d.benchmarks)})")
+    ev.add_argument("--sets", default=",".join(d.sets),
+                    help="eval sets, comma-separated: aime24, aime25, hmmt25, math500, gsm8k, or files as "
+                    f"NAME=PATH (default: {','.join(d.sets)})")
+    # --bench: the earlier name of --sets, kept (hidden) so that old commands still run
+    ev.add_argument("--bench", dest="sets", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     ev.add_argument("--mapping", default="eval", choices=["eval", "gsm8k", "openthoughts"],
-                    help="column mapping of benchmarks given as files (default: eval, columns problem and answer)")
+                    help="column mapping of eval sets given as files (default: eval, columns problem and answer)")
     ev.add_argument("--columns", default=None, help="per-field source columns of files, e.g. problem=q,answer=a")
-    ev.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    ev.add_argument("--limit", type=int, default=None, help="first N problems of each eval set")
     ev.add_argument("--n", type=int, default=d.n, help=f"responses per problem (default {d.n})")
     ev.add_argument("--temperature", type=float, default=d.temperature)
     ev.add_argument("--top-p", type=float, default=d.top_p)

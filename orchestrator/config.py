@@ -124,8 +124,8 @@ class TrainConfig:
     )
 
     RETIRED_KEYS: ClassVar[dict[str, str]] = {
-        "eval_rows": "renamed train.heldout_rows (benchmark evaluation is the eval section)",
-        "eval_every": "renamed train.heldout_every (benchmark evaluation is the eval section)",
+        "eval_rows": "renamed train.heldout_rows (evaluation on eval sets is the eval section)",
+        "eval_every": "renamed train.heldout_every (evaluation on eval sets is the eval section)",
     }
 
     def validate(self) -> None:
@@ -202,7 +202,7 @@ class OPSDConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"doc": "Frozen teacher scoring."})
     learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"doc": "LoRA learner and loss."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Training loop."})
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Benchmark evaluation during training."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation on eval sets during training."})
     placement: PlacementConfig = field(default_factory=PlacementConfig, metadata={"doc": "Ray placement."})
 
     def validate(self) -> None:

@@ -1,9 +1,9 @@
 """``opsd eval``: every input checked first, then a RolloutPool started through the resource plan, the evaluation,
 and the run directory written.
 
-    result, path = evaluate(EvalConfig(benchmarks=["aime24"]), EvalRun(model=ModelSpec("Qwen/Qwen3-1.7B"), out=...))
+    result, path = evaluate(EvalConfig(sets=["aime24"]), EvalRun(model=ModelSpec("Qwen/Qwen3-1.7B"), out=...))
 
-Checked before any engine starts: the benchmarks, the output directory, the adapter against the base model, and the
+Checked before any engine starts: the eval sets, the output directory, the adapter against the base model, and the
 prompt lengths against the engines' context. Engines run on an embedded Ray (or the cluster at ``RAY_ADDRESS``), one
 per GPU (``tensor_parallel_size`` GPUs each) or per two CPU cores.
 """
@@ -21,7 +21,7 @@ from typing import Any  # noqa: E402
 from evaluation.config import EvalConfig  # noqa: E402
 from evaluation.records import EvalResult  # noqa: E402
 from evaluation.report import markdown_table, write_run  # noqa: E402
-from evaluation.run import Evaluator, load_config_benchmarks  # noqa: E402
+from evaluation.run import Evaluator, load_config_eval_sets  # noqa: E402
 from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir  # noqa: E402
 from opsd.configlib import to_dict, validate_all  # noqa: E402
 from opsd.lora import VLLM_LORA_RANKS, engine_lora_rank  # noqa: E402
@@ -57,13 +57,13 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
     out = Path(run.out)
     if out.exists() and not run.overwrite:
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
-    benchmarks = load_config_benchmarks(config)
-    with Evaluator(config, run.model.load_tokenizer(), benchmarks) as evaluator:
+    eval_sets = load_config_eval_sets(config)
+    with Evaluator(config, run.model.load_tokenizer(), eval_sets) as evaluator:
         evaluator.check_prompts(run.prompt, run.max_model_len or run.model.context_length())
         payload = checked_adapter(run)
-        problems = sum(b.num_problems for b in evaluator.benchmarks)
+        problems = sum(s.num_problems for s in evaluator.eval_sets)
         print_fn(f"opsd eval: {problems} problems x {config.n} samples from "
-                 f"{', '.join(f'{b.name} ({b.num_problems})' for b in evaluator.benchmarks)}")
+                 f"{', '.join(f'{s.name} ({s.num_problems})' for s in evaluator.eval_sets)}")
         with ray_session(run.address, num_cpus=len(os.sched_getaffinity(0)), dashboard=False):
             cluster = ClusterView.current()
             rollout = rollout_config(config, run, int(cluster.total("GPU")))
@@ -89,13 +89,13 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
         result.seconds["total"] = time.perf_counter() - started
         info: dict[str, Any] = {
             "model": run.model.path, "adapter": str(run.adapter) if run.adapter else None,
-            "benchmark_files": {b.name: str(b.path) for b in evaluator.benchmarks},
+            "eval_set_files": {s.name: str(s.path) for s in evaluator.eval_sets},
             "prompt": to_dict(run.prompt), "config": to_dict(config),
             "engines": {"workers": rollout.num_workers, "gpus_per_worker": rollout.gpus_per_worker,
                         "max_model_len": run.max_model_len},
         }
     path = write_run(out, result, info, overwrite=run.overwrite)
-    print_fn(markdown_table(result.benchmarks), end="")
+    print_fn(markdown_table(result.eval_sets), end="")
     print_fn(f"opsd eval: generate {result.seconds['generate']:.1f} s, grade {result.seconds['grade']:.1f} s, "
              f"total {result.seconds['total']:.1f} s; outputs in {path}")
     return result, path

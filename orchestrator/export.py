@@ -345,7 +345,7 @@ class TrainingFacts:
     final_version: int | None
     heldout_before: float | None
     heldout_after: tuple[int, float] | None  # (step, GJS)
-    last_eval: tuple[int, dict[str, float]] | None  # (step, eval/<benchmark>/<metric> values)
+    last_eval: tuple[int, dict[str, float]] | None  # (step, eval/<set>/<metric> values)
 
 
 def training_facts(source: ExportSource) -> TrainingFacts:
@@ -458,16 +458,17 @@ def _results_lines(facts: TrainingFacts) -> list[str]:
         lines.append("No held-out GJS was measured (`train.heldout_rows` was 0).")
     lines.append("")
     if facts.last_eval is None:
-        return lines + ["No benchmark evaluation was recorded during training (`eval.every`).", ""]
+        return lines + ["No evaluation on eval sets was recorded during training (`eval.every`).", ""]
     step, values = facts.last_eval
-    lines += [f"Last benchmark evaluation (after step {step}):", "", "| benchmark | metric | value |", "|---|---|---|"]
+    lines += [f"Last evaluation on eval sets (after step {step}):", "",
+              "| eval set | metric | value |", "|---|---|---|"]
     for key, value in sorted(values.items()):
-        _, benchmark, metric = key.split("/")
+        _, eval_set, metric = key.split("/")
         if metric.endswith(("_ci95_low", "_ci95_high")):
             continue
         low, high = values.get(f"{key}_ci95_low"), values.get(f"{key}_ci95_high")
         interval = f" [{low:.3f}, {high:.3f}]" if _is_number(low) and _is_number(high) else ""
-        lines.append(f"| {benchmark} | {metric} | {value:.4g}{interval} |")
+        lines.append(f"| {eval_set} | {metric} | {value:.4g}{interval} |")
     return lines + [""]
 
 

@@ -37,8 +37,8 @@ STAGE_GAUGES: dict[str, str] = {
 STAGES = ("rollout", "teacher", "learner")
 # The tag every opsd_* gauge carries: the run's name.
 RUN_TAG = "run"
-# Tags of the opsd_eval gauge besides RUN_TAG: one series per benchmark and metric.
-EVAL_TAGS = ("benchmark", "metric")
+# Tags of the opsd_eval gauge besides RUN_TAG: one series per eval set and metric.
+EVAL_TAGS = ("eval_set", "metric")
 
 
 def run_name(run_dir: str | os.PathLike) -> str:
@@ -85,8 +85,9 @@ class MetricsSink:
             self._gauges[name] = Gauge(f"opsd_{name}", description=description, tag_keys=(RUN_TAG,))
         for name, description in STAGE_GAUGES.items():
             self._gauges[name] = Gauge(f"opsd_{name}", description=description, tag_keys=(RUN_TAG, "stage"))
-        self._eval_gauge = Gauge("opsd_eval", description="Benchmark evaluation during training: the value of "
-                                 "`metric` (avg@n, pass@k, maj@n, ...) on `benchmark`", tag_keys=(RUN_TAG, *EVAL_TAGS))
+        self._eval_gauge = Gauge("opsd_eval", description="Evaluation on eval sets during training: the value of "
+                                 "`metric` (avg@n, pass@k, maj@n, ...) on `eval_set`",
+                                 tag_keys=(RUN_TAG, *EVAL_TAGS))
         for gauge in (*self._gauges.values(), self._eval_gauge):
             gauge.set_default_tags({RUN_TAG: self.run})
 
@@ -102,10 +103,10 @@ class MetricsSink:
             elif _is_number(record.get(name)):
                 self._set(gauge, float(record[name]))
         if self._eval_gauge is not None:
-            for key, value in record.items():  # eval/<benchmark>/<metric>
+            for key, value in record.items():  # eval/<set>/<metric>
                 parts = key.split("/")
                 if len(parts) == 3 and parts[0] == "eval" and _is_number(value):
-                    self._set(self._eval_gauge, float(value), {"benchmark": parts[1], "metric": parts[2]})
+                    self._set(self._eval_gauge, float(value), {"eval_set": parts[1], "metric": parts[2]})
 
     def _set(self, gauge: Any, value: float, tags: dict[str, str] | None = None) -> None:
         gauge.set(value, tags=tags)

@@ -99,7 +99,7 @@ class AfterStep:
     """What follows step ``done`` besides the update. Decided here, once, for every step (the last one included)."""
 
     launch_next: bool  # sample the next step's problems
-    benchmarks: bool  # evaluate on the eval section's benchmarks
+    eval_sets: bool  # evaluate on the eval section's eval sets
     heldout: bool  # the held-out GJS
     adapter: bool  # write adapters/vN
     checkpoint: bool
@@ -111,7 +111,7 @@ class AfterStep:
         def every(n: int) -> bool:
             return n > 0 and done % n == 0
 
-        return cls(launch_next=not last, benchmarks=cfg.eval.every > 0 and (last or every(cfg.eval.every)),
+        return cls(launch_next=not last, eval_sets=cfg.eval.every > 0 and (last or every(cfg.eval.every)),
                    heldout=cfg.train.heldout_rows > 0 and (last or every(cfg.train.heldout_every)),
                    adapter=last or every(cfg.train.checkpoint_every), checkpoint=every(cfg.train.checkpoint_every))
 
@@ -163,10 +163,10 @@ def train_step(stages: Stages, in_flight: InFlight, prefetch: Callable[[], InFli
 
 @dataclass
 class Progress:
-    """What the run has measured so far: held-out GJS and benchmark results by step."""
+    """What the run has measured so far: held-out GJS and eval-set results by step."""
 
     heldout_gjs: dict[int, float] = field(default_factory=dict)
-    benchmarks: dict[int, dict[str, float]] = field(default_factory=dict)
+    eval_sets: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def train(cfg: OPSDConfig, print_fn=print) -> Path:
@@ -179,7 +179,7 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     sampler, total_steps = data.sampler, data.total_steps
     print_fn(f"opsd: {data.description}; {total_steps} steps of {cfg.train.prompts_per_step} prompts; "
              f"loss {cfg.learner.loss.kind}; run dir {run_dir}")
-    evaluator = benchmark_evaluator(cfg)  # bad benchmark files fail here, before Ray starts
+    evaluator = evaluator_for(cfg)  # bad eval set files fail here, before Ray starts
     progress = Progress()
     with ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg)) as session:
         print_fn(f"opsd: Ray {session.where}" + (f"; dashboard {session.dashboard}" if session.dashboard else ""))
@@ -200,16 +200,16 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                 print_fn(f"opsd: held-out GJS before training: {progress.heldout_gjs[0]:.5f} "
                          f"({heldout.num_rows} traces)")
             if evaluator is not None and resume is None:
-                progress.benchmarks[0] = run_benchmarks(evaluator, stages, 0, print_fn)
+                progress.eval_sets[0] = run_eval_sets(evaluator, stages, 0, print_fn)
             in_flight: InFlight | None = launch(stages, sampler)
             for step in range(first_step, total_steps):
                 after = AfterStep.of(step + 1, total_steps, cfg)
                 prefetch = (lambda: launch(stages, sampler)) if after.launch_next and cfg.train.max_staleness else None
                 result = train_step(stages, in_flight, prefetch)
                 record = step_record(step, sampler, result, stages.learner.version, stages.replaced)
-                if after.benchmarks:
-                    progress.benchmarks[step + 1] = run_benchmarks(evaluator, stages, step + 1, print_fn)
-                    record.update(progress.benchmarks[step + 1])
+                if after.eval_sets:
+                    progress.eval_sets[step + 1] = run_eval_sets(evaluator, stages, step + 1, print_fn)
+                    record.update(progress.eval_sets[step + 1])
                 in_flight = result.next or (launch(stages, sampler) if after.launch_next else None)
                 record["rows_in_flight"] = in_flight.batch.num_rows if in_flight is not None else 0
                 if after.heldout:
@@ -252,7 +252,7 @@ def save_outputs(stages: Stages, run_dir: Path, done: int, after: AfterStep, ada
 def finish(run_dir: Path, total_steps: int, version: int, progress: Progress, print_fn) -> None:
     throughput = run_throughput(read_metrics(run_dir))
     summary = {"steps": total_steps, "final_adapter_version": version, "run_dir": str(run_dir),
-               "heldout_gjs": progress.heldout_gjs, "tokens_per_second": throughput, "eval": progress.benchmarks}
+               "heldout_gjs": progress.heldout_gjs, "tokens_per_second": throughput, "eval": progress.eval_sets}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if progress.heldout_gjs:
         first, final = progress.heldout_gjs[0], progress.heldout_gjs[max(progress.heldout_gjs)]
@@ -261,8 +261,8 @@ def finish(run_dir: Path, total_steps: int, version: int, progress: Progress, pr
     print_fn(f"opsd: run directory {run_dir.resolve()} (curves: opsd plot {run_dir})")
 
 
-def benchmark_evaluator(cfg: OPSDConfig):
-    """The in-training evaluator (``eval.every`` > 0): benchmarks loaded and checked, prompts checked against the
+def evaluator_for(cfg: OPSDConfig):
+    """The in-training evaluator (``eval.every`` > 0): eval sets loaded and checked, prompts checked against the
     engines' context; None when off."""
     if not cfg.eval.every:
         return None
@@ -277,14 +277,14 @@ def benchmark_evaluator(cfg: OPSDConfig):
     return evaluator
 
 
-def run_benchmarks(evaluator, stages: Stages, step: int, print_fn) -> dict[str, float]:
-    """Evaluate what the rollout workers serve now; flat ``eval/<benchmark>/<metric>`` numbers."""
+def run_eval_sets(evaluator, stages: Stages, step: int, print_fn) -> dict[str, float]:
+    """Evaluate what the rollout workers serve now on the eval sets; flat ``eval/<set>/<metric>`` numbers."""
     result = evaluator.run(stages.rollout)
     metrics = result.metrics()
     n = evaluator.config.n
     scores = ", ".join(f"{name} avg@{n} {metrics[f'eval/{name}/avg@{n}']:.3f} "
                        f"[{metrics[f'eval/{name}/avg@{n}_ci95_low']:.3f}, {metrics[f'eval/{name}/avg@{n}_ci95_high']:.3f}]"
-                       for name in result.benchmarks)
+                       for name in result.eval_sets)
     print_fn(f"opsd: eval after step {step}: {scores} ({metrics.get('eval/seconds', 0.0):.0f} s)")
     return metrics
 

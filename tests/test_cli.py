@@ -46,6 +46,23 @@ def test_config_show_rejects_unknown_key_with_suggestion(capsys):
     assert "beta: 0.3" in capsys.readouterr().out
 
 
+def test_eval_takes_eval_sets_and_still_the_old_bench_option(capsys):
+    from orchestrator.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["eval"]).sets == "aime24,aime25,hmmt25"  # EvalConfig's default
+    assert parser.parse_args(["eval", "--sets", "gsm8k,mine=q.jsonl"]).sets == "gsm8k,mine=q.jsonl"
+    assert parser.parse_args(["eval", "--bench", "gsm8k,math500"]).sets == "gsm8k,math500"  # old commands run
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    usage = capsys.readouterr().out
+    assert "--sets" in usage and "eval sets" in usage
+    assert "--bench" not in usage and "benchmark" not in usage.lower()  # the alias is hidden; one meaning per word
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "math eval sets" in capsys.readouterr().out
+
+
 def test_prompts_prints_student_and_teacher_prompt(tiny_model_dir: Path, capsys):
     recipe = REPO_ROOT / "recipes" / "quickstart-cpu.yaml"
     data = REPO_ROOT / "tests" / "fixtures" / "data" / "gsm8k.jsonl"

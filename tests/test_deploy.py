@@ -10,7 +10,7 @@
   commit) with ``jsonschema``, plus a walk that fails on any field the CRD does not have (a misspelt field);
   autoscaling, the GPU worker group; the RayJob's entrypoint is parsed and loaded with
   ``orchestrator.config.load_config``; the Grafana settings that let the Ray dashboard embed its panels.
-- Docker image: the files its COPY lines take (minus the dockerignore) load every built-in benchmark.
+- Docker image: the files its COPY lines take (minus the dockerignore) load every built-in eval set.
 - Runtime env: parsed by Ray's ``RuntimeEnv``; what it uploads is computed with Ray's own file matcher.
 - Grafana dashboard and Prometheus config: every ``ray_opsd_*`` series they query exists in
   ``orchestrator/metrics.py`` and every gauge there is charted (opsd_eval included), every query selects the run;
@@ -573,15 +573,15 @@ def test_the_dockerignore_matcher_follows_dockers_rules():
     assert not dockerignore_excludes("orchestrator/train.py", patterns)
 
 
-def test_the_image_has_the_builtin_benchmarks_and_opsd_finds_them(tmp_path):
+def test_the_image_has_the_builtin_eval_sets_and_opsd_finds_them(tmp_path):
     """The files of the image, as the Dockerfile's COPY lines take them from the build context (minus
     Dockerfile.dockerignore), laid out in a temp dir; the package is installed editable there, so opsd imports from
-    that tree: every built-in benchmark must load from it."""
-    from evaluation.benchmarks import BUILTIN
+    that tree: every built-in eval set must load from it."""
+    from evaluation.sets import BUILTIN
 
     image = dockerfile()
     assert any(re.search(r"pip install -e \"\.\[gpu\]\"", run) for run in image["runs"]), \
-        "benchmarks are found next to the package: the install must be editable"
+        "eval sets are found next to the package: the install must be editable"
     patterns = dockerignore_patterns()
     root = tmp_path / "opsd"
     for source in image["copied"]:
@@ -595,10 +595,10 @@ def test_the_image_has_the_builtin_benchmarks_and_opsd_finds_them(tmp_path):
     for spec in BUILTIN.values():
         assert (root / spec.path.relative_to(ROOT)).is_file(), f"{spec.name}: not in the image"
     assert not (root / "data" / "train.parquet").exists()
-    script = ("from evaluation.benchmarks import BUILTIN, DATA_DIR, load_benchmark\n"
+    script = ("from evaluation.sets import BUILTIN, DATA_DIR, load_eval_set\n"
               "print(DATA_DIR)\n"
               "for spec in BUILTIN.values():\n"
-              "    print(spec.name, len(load_benchmark(spec, limit=2).table))\n")
+              "    print(spec.name, len(load_eval_set(spec, limit=2).table))\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(root)),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -995,11 +995,12 @@ def test_dashboard_selects_the_run_in_every_query_and_names_it_in_every_legend()
         assert "{{run}}" in target["legendFormat"], panel["title"]
 
 
-def test_dashboard_has_an_eval_panel_by_benchmark_and_metric():
+def test_dashboard_has_an_eval_panel_by_eval_set_and_metric():
     evals = [(panel, target) for panel, target in dashboard_queries() if "ray_opsd_eval" in target["expr"]]
     assert evals, "no panel charts opsd_eval"
     for panel, target in evals:
         assert panel["type"] == "timeseries"
+        assert "eval set" in panel["title"].lower() and "benchmark" not in json.dumps(panel).lower(), panel["title"]
         for tag in EVAL_TAGS:
             assert "{{" + tag + "}}" in target["legendFormat"], panel["title"]
         # Accuracies only (avg@n, pass@k, maj@n), not their confidence bounds or token counts.
@@ -1156,7 +1157,7 @@ def test_every_opsd_gauge_carries_the_run_label_on_rays_metrics_endpoint():
     stages = {(labels[RUN_TAG], labels["stage"]) for metric, labels, _ in samples
               if metric == "ray_opsd_tokens_per_second"}
     assert stages == {(run, stage) for run in ("job-a", "job-b") for stage in STAGES}
-    evals = {(labels[RUN_TAG], labels["benchmark"], labels["metric"]) for metric, labels, _ in samples
+    evals = {(labels[RUN_TAG], labels["eval_set"], labels["metric"]) for metric, labels, _ in samples
              if metric == "ray_opsd_eval"}
     assert evals == {("job-a", "gsm8k", "avg@16"), ("job-b", "gsm8k", "avg@16")}
 

@@ -1,5 +1,5 @@
 """Evaluation without an engine: answer extraction, math-verify grading (process pool, timeouts), metrics against
-their closed forms and brute force, benchmark loading, run files, --compare, and bad input refused before any work."""
+their closed forms and brute force, eval set loading, run files, --compare, and bad input refused before any work."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator.cli import main
 from opsd.data import DataError
-from evaluation.benchmarks import BUILTIN, load_benchmarks, parse_columns, resolve_benchmark
+from evaluation.sets import BUILTIN, load_eval_sets, parse_columns, resolve_eval_set
 from evaluation.config import EvalConfig
 from evaluation.extract import extract_answer, extract_boxed, extract_gsm8k, vote_key
 from evaluation.grading import Grader
@@ -28,7 +28,7 @@ from evaluation.scores import (
     mean_interval,
     paired_difference,
     pass_at_k,
-    score_benchmark,
+    score_eval_set,
 )
 from evaluation.records import EvalResult, SampleRecord, summarize
 from evaluation.report import compare_runs, markdown_table, read_run, write_run
@@ -206,26 +206,26 @@ def test_mean_interval_is_the_normal_interval_over_problems():
 def test_mean_interval_covers_the_true_accuracy_95_percent_of_the_time():
     rng = np.random.default_rng(0)
     trials, problems, n = 2000, 100, 4
-    difficulty = rng.uniform(0, 1, size=problems)  # per-problem accuracy; the benchmark's true avg@n is the mean
+    difficulty = rng.uniform(0, 1, size=problems)  # per-problem accuracy; the eval set's true avg@n is the mean
     covered = 0
     for _ in range(trials):
-        chosen = rng.integers(0, problems, size=problems)  # a benchmark drawn from the problem population
+        chosen = rng.integers(0, problems, size=problems)  # an eval set drawn from the problem population
         correct = rng.binomial(n, difficulty[chosen])
         estimate = mean_interval(list(correct / n))
         covered += estimate.low <= difficulty.mean() <= estimate.high
     assert 0.93 <= covered / trials <= 0.97
 
 
-def test_score_benchmark_and_paired_difference():
+def test_score_eval_set_and_paired_difference():
     problems = [ProblemScore("a", 4, 4, True), ProblemScore("b", 4, 1, False), ProblemScore("c", 4, 0, False)]
-    scores = score_benchmark(problems)
+    scores = score_eval_set(problems)
     assert list(scores) == ["avg@4", "pass@2", "pass@4", "maj@4"]
     assert scores["avg@4"].mean == pytest.approx((1 + 0.25 + 0) / 3)
     assert scores["pass@4"].mean == pytest.approx(2 / 3) and scores["maj@4"].mean == pytest.approx(1 / 3)
     assert scores["pass@2"].mean == pytest.approx((1 + 0.5 + 0) / 3)
     assert default_ks(16) == (2, 4, 8, 16) and default_ks(1) == () and default_ks(3) == (2, 3)
     with pytest.raises(ValueError, match="different sample counts"):
-        score_benchmark(problems + [ProblemScore("d", 2, 1, True)])
+        score_eval_set(problems + [ProblemScore("d", 2, 1, True)])
 
     same = paired_difference([0.2, 0.5, 0.9], [0.2, 0.5, 0.9])
     assert same.diff == 0 and same.beyond_noise is False
@@ -236,13 +236,13 @@ def test_score_benchmark_and_paired_difference():
     assert paired_difference([0.1], [0.2]).beyond_noise is None
 
 
-# -- benchmarks ----------------------------------------------------------------------------------------------------
-def test_builtin_benchmarks_ship_with_the_repo_and_load_from_any_directory(tmp_path, monkeypatch):
+# -- eval sets -----------------------------------------------------------------------------------------------------
+def test_builtin_eval_sets_ship_with_the_repo_and_load_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    benchmarks = load_benchmarks(list(BUILTIN))
-    assert {b.name: b.num_problems for b in benchmarks} == {
+    eval_sets = load_eval_sets(list(BUILTIN))
+    assert {s.name: s.num_problems for s in eval_sets} == {
         "aime24": 30, "aime25": 30, "hmmt25": 30, "math500": 500, "gsm8k": 1319}
-    gsm8k = benchmarks[-1].table.slice(0, 1).to_pylist()[0]
+    gsm8k = eval_sets[-1].table.slice(0, 1).to_pylist()[0]
     assert gsm8k["answer"] == "18" and gsm8k["problem"].startswith("Janet")
     readme = (REPO_ROOT / "data" / "eval" / "README.md").read_text()
     for name, spec in BUILTIN.items():
@@ -254,26 +254,26 @@ def test_builtin_benchmarks_ship_with_the_repo_and_load_from_any_directory(tmp_p
             assert BUILTIN[name].path.read_bytes() == (shared / "eval" / f"{name}.jsonl").read_bytes()
 
 
-def test_benchmarks_by_path_with_a_column_mapping(tmp_path):
+def test_eval_sets_by_path_with_a_column_mapping(tmp_path):
     data = tmp_path / "quiz.jsonl"
     data.write_text('{"q": "1+1?", "final": 2}\n{"q": "2+2?", "final": "4"}\n')
-    (bench,) = load_benchmarks([f"quiz={data}"], columns=parse_columns("problem=q,answer=final"))
-    assert bench.name == "quiz" and bench.table.column("answer").to_pylist() == ["2", "4"]
-    assert resolve_benchmark(str(data)).name == "quiz"
+    (eval_set,) = load_eval_sets([f"quiz={data}"], columns=parse_columns("problem=q,answer=final"))
+    assert eval_set.name == "quiz" and eval_set.table.column("answer").to_pylist() == ["2", "4"]
+    assert resolve_eval_set(str(data)).name == "quiz"
 
 
 @pytest.mark.parametrize(
     "entries,message",
     [
-        (["aime2024"], "unknown benchmark 'aime2024' (did you mean 'aime24'?); built-in: aime24"),
+        (["aime2024"], "unknown eval set 'aime2024' (did you mean 'aime24'?); built-in: aime24"),
         (["missing.jsonl"], "file not found"),
         (["aime24", "aime24"], "given more than once"),
-        ([], "no benchmark given"),
+        ([], "no eval set given"),
     ],
 )
-def test_bad_benchmark_names(entries, message):
+def test_bad_eval_set_names(entries, message):
     with pytest.raises(DataError) as error:
-        load_benchmarks(entries)
+        load_eval_sets(entries)
     assert message in str(error.value)
 
 
@@ -281,7 +281,7 @@ def test_a_file_without_answers_is_refused_naming_file_line_and_field(tmp_path):
     data = tmp_path / "noanswer.jsonl"
     data.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"}\n')
     with pytest.raises(DataError) as error:
-        load_benchmarks([str(data)])
+        load_eval_sets([str(data)])
     assert "noanswer.jsonl" in str(error.value) and "line 2" in str(error.value) and "'answer'" in str(error.value)
     with pytest.raises(DataError, match="FIELD=COLUMN"):
         parse_columns("problem")
@@ -292,17 +292,39 @@ def test_eval_config_checks_its_ranges():
 
     assert from_dict(EvalConfig, {"n": 4, "pass_k": [1, 4]}).ks() == (1, 4)
     for bad, key in [({"n": 0}, "n"), ({"pass_k": [8], "n": 4}, "pass_k"), ({"top_p": 0}, "top_p"),
-                     ({"grade_timeout_s": 0}, "grade_timeout_s"), ({"benchmarks": []}, "benchmarks")]:
+                     ({"grade_timeout_s": 0}, "grade_timeout_s"), ({"sets": []}, "sets")]:
         with pytest.raises(ConfigError) as error:
             from_dict(EvalConfig, bad, "eval")
         assert error.value.key == f"eval.{key}"
+    with pytest.raises(ConfigError, match="must name at least one eval set"):
+        from_dict(EvalConfig, {"sets": []}, "eval")
+
+
+def test_the_old_eval_benchmarks_key_says_it_is_now_eval_sets(tmp_path):
+    from opsd.configlib import ConfigError, from_dict
+    from orchestrator.config import load_config
+
+    assert from_dict(EvalConfig, {"sets": ["gsm8k"]}, "eval").sets == ["gsm8k"]
+    with pytest.raises(ConfigError) as error:
+        from_dict(EvalConfig, {"benchmarks": ["gsm8k"]}, "eval")
+    assert error.value.key == "eval.benchmarks" and "is no longer a key: renamed eval.sets" in str(error.value)
+    # an old override and an old config file alike
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["data.path=data/train.jsonl", "eval.benchmarks=[gsm8k]"])
+    assert error.value.key == "eval.benchmarks" and "renamed eval.sets" in str(error.value)
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  path: data/train.jsonl\neval:\n  benchmarks: [gsm8k]\n  every: 2\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(old, [])
+    assert error.value.key == "eval.benchmarks" and "renamed eval.sets" in str(error.value)
+    assert load_config(None, ["data.path=data/train.jsonl", "eval.sets=[gsm8k]"]).eval.sets == ["gsm8k"]
 
 
 # -- run files and --compare ---------------------------------------------------------------------------------------
-def sample(benchmark: str, problem: str, index: int, extracted: str | None = "1", status: str = "correct",
+def sample(eval_set: str, problem: str, index: int, extracted: str | None = "1", status: str = "correct",
            finish: str = "stop") -> SampleRecord:
-    return SampleRecord(benchmark=benchmark, problem_id=problem, sample_index=index,
-                        sample_id=f"{benchmark}:{problem}@e0r{index}", reference="1", extracted=extracted,
+    return SampleRecord(eval_set=eval_set, problem_id=problem, sample_index=index,
+                        sample_id=f"{eval_set}:{problem}@e0r{index}", reference="1", extracted=extracted,
                         status=status, correct=status == "correct", finish_reason=finish, response_tokens=10,
                         policy_version=0, response=f"\\boxed{{{extracted}}}")
 
@@ -317,7 +339,7 @@ def synthetic_run(path: Path, accuracy: list[float], n: int = 4, seed: int = 0) 
             ok = j < correct
             samples.append(sample("toy", f"toy-{i}", j, "1" if ok else str(rng.randint(2, 9)),
                                   "correct" if ok else "wrong"))
-    result = EvalResult(benchmarks=summarize(samples), samples=samples, seconds={"total": 1.0}, policy_version=0)
+    result = EvalResult(eval_sets=summarize(samples), samples=samples, seconds={"total": 1.0}, policy_version=0)
     return write_run(path, result, {"model": "m", "adapter": None, "config": {"n": n}, "prompt": {}})
 
 
@@ -325,9 +347,10 @@ def test_write_run_writes_samples_results_and_table_atomically(tmp_path):
     run = synthetic_run(tmp_path / "run", [1.0, 0.5, 0.0])
     info, samples = read_run(run)
     assert len(samples) == 12 and samples[0].problem_id == "toy-0"
-    assert info["benchmarks"]["toy"]["scores"]["avg@4"]["mean"] == pytest.approx(0.5)
+    assert info["eval_sets"]["toy"]["scores"]["avg@4"]["mean"] == pytest.approx(0.5)
     first = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
-    assert {"problem_id", "response", "extracted", "correct", "status", "reference"} <= set(first)
+    assert {"eval_set", "problem_id", "response", "extracted", "correct", "status", "reference"} <= set(first)
+    assert first["eval_set"] == "toy"
     assert "| toy | 3 | 50.0 [" in (run / "results.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
     with pytest.raises(FileExistsError):
@@ -362,7 +385,7 @@ def other_base_adapter(tiny_model_dir: Path, tmp_path_factory) -> tuple[Path, Pa
 
 
 def eval_cli(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--model", str(model), "--bench", "gsm8k", "--limit", "2", "--n", "2", "--max-tokens", "16",
+    return ["eval", "--model", str(model), "--sets", "gsm8k", "--limit", "2", "--n", "2", "--max-tokens", "16",
             "--out", str(out), *extra]
 
 
@@ -377,15 +400,18 @@ def assert_refused(capsys, argv: list[str], *fragments: str) -> None:
     assert not ray.is_initialized()  # refused before any cluster or engine was started
 
 
-def test_cli_refuses_an_unknown_benchmark(tmp_path, tiny_model_dir, capsys):
+def test_cli_refuses_an_unknown_eval_set(tmp_path, tiny_model_dir, capsys):
+    assert_refused(capsys, eval_cli(tiny_model_dir, tmp_path / "o") + ["--sets", "gsm8k,aime2024"],
+                   "unknown eval set 'aime2024' (did you mean 'aime24'?)")
+    # --bench, the old name of --sets, still works
     assert_refused(capsys, eval_cli(tiny_model_dir, tmp_path / "o") + ["--bench", "gsm8k,aime2024"],
-                   "unknown benchmark 'aime2024' (did you mean 'aime24'?)")
+                   "unknown eval set 'aime2024' (did you mean 'aime24'?)")
 
 
 def test_cli_refuses_a_file_without_the_needed_fields(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"problem": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": "4"}\n')
-    assert_refused(capsys, eval_cli(tiny_model_dir, tmp_path / "o") + ["--bench", f"mine={data}"],
+    assert_refused(capsys, eval_cli(tiny_model_dir, tmp_path / "o") + ["--sets", f"mine={data}"],
                    "bad.jsonl", "line 2", "'problem'")
 
 

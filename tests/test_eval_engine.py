@@ -46,7 +46,7 @@ def test_opsd_eval_end_to_end_writes_every_output(tiny_model_dir, adapter, tmp_p
     assert [f.stem for f in files] == ["aime24", "aime25", "hmmt25", "math500"]
     out = tmp_path / "run"
     argv = ["eval", "--model", str(tiny_model_dir), "--adapter", str(adapter),
-            "--bench", ",".join(f"{f.stem}={f}" for f in files), "--limit", str(LIMIT), "--n", str(N),
+            "--sets", ",".join(f"{f.stem}={f}" for f in files), "--limit", str(LIMIT), "--n", str(N),
             "--max-tokens", str(MAX_TOKENS), "--max-model-len", "1024", "--kv-cache-gib", "0.25",
             # Two engines of one core each: the data-parallel path. (It also keeps each engine's first step under
             # vLLM-CPU's 4,096-token prefill budget; see the issue note on chunked prefill with seeded sampling.)
@@ -66,21 +66,24 @@ def test_opsd_eval_end_to_end_writes_every_output(tiny_model_dir, adapter, tmp_p
         assert 1 <= s["response_tokens"] <= MAX_TOKENS and s["finish_reason"] in ("stop", "length")
         assert isinstance(s["response"], str) and s["reference"]
         assert s["extracted"] is None or s["status"] != "no_answer"
-    by_problem = {(s["benchmark"], s["problem_id"]): [] for s in samples}
+    by_problem = {(s["eval_set"], s["problem_id"]): [] for s in samples}
     for s in samples:
-        by_problem[(s["benchmark"], s["problem_id"])].append(s["sample_index"])
+        by_problem[(s["eval_set"], s["problem_id"])].append(s["sample_index"])
     assert len(by_problem) == len(files) * LIMIT and all(sorted(v) == list(range(N)) for v in by_problem.values())
     assert [k for k in by_problem if k[0] == "aime24"][0] == ("aime24", "aime24-0")  # in file order
 
     results = json.loads((out / "results.json").read_text())
     assert results["adapter"] == str(adapter) and results["policy_version"] == 1
     assert results["config"]["n"] == N and results["engines"]["workers"] == 2
+    assert results["config"]["sets"] == [f"{f.stem}={f}" for f in files]
+    assert results["eval_set_files"] == {f.stem: str(f) for f in files}
     for f in files:
-        bench = results["benchmarks"][f.stem]
-        assert bench["problems"] == LIMIT and bench["samples"] == LIMIT * N
-        assert set(bench["scores"]) == {f"avg@{N}", f"pass@{N}", f"maj@{N}"}
-        assert sum(bench["statuses"].values()) == LIMIT * N
+        eval_set = results["eval_sets"][f.stem]
+        assert eval_set["problems"] == LIMIT and eval_set["samples"] == LIMIT * N
+        assert set(eval_set["scores"]) == {f"avg@{N}", f"pass@{N}", f"maj@{N}"}
+        assert sum(eval_set["statuses"].values()) == LIMIT * N
     table = (out / "results.md").read_text()
+    assert "| eval set | problems |" in table
     assert all(f"| {f.stem} | {LIMIT} |" in table for f in files) and f"| {files[0].stem} |" in printed
     assert results["seconds"]["generate"] > 0 and results["seconds"]["engine_start"] > 0
     print(f"opsd eval end to end: {seconds:.1f} s, {results['seconds']}")
@@ -91,7 +94,7 @@ def test_opsd_eval_end_to_end_writes_every_output(tiny_model_dir, adapter, tmp_p
 
 
 def test_run_eval_on_an_already_started_rollout_pool(tiny_model_dir, adapter):
-    """The in-training API: the orchestrator's rollout pool (whatever adapter it serves), benchmarks loaded once."""
+    """The in-training API: the orchestrator's rollout pool (whatever adapter it serves), eval sets loaded once."""
     from evaluation.config import EvalConfig
     from evaluation.run import Evaluator
     from opsd.adapter import read_adapter_dir
@@ -102,7 +105,7 @@ def test_run_eval_on_an_already_started_rollout_pool(tiny_model_dir, adapter):
 
     rollout = RolloutConfig(num_workers=2, gpus_per_worker=0, cpu_kv_cache_gib=0.25, max_model_len=512,
                             max_response_tokens=MAX_TOKENS)
-    config = EvalConfig(benchmarks=["gsm8k", "aime24"], limit=3, n=3, max_tokens=8, pass_k=[1, 2])
+    config = EvalConfig(sets=["gsm8k", "aime24"], limit=3, n=3, max_tokens=8, pass_k=[1, 2])
     with local_ray(num_cpus=2), Evaluator(config, load_tokenizer(str(tiny_model_dir))) as evaluator:
         evaluator.check_prompts(None, 512)
         pool = RolloutPool(ModelSpec(str(tiny_model_dir)), rollout, max_lora_rank=8, call_timeout_s=300)
@@ -115,11 +118,11 @@ def test_run_eval_on_an_already_started_rollout_pool(tiny_model_dir, adapter):
             pool.shutdown()
 
     metrics = first.metrics()
-    for bench in ("gsm8k", "aime24"):
+    for eval_set in ("gsm8k", "aime24"):
         for key in ("avg@3", "avg@3_ci95_low", "avg@3_ci95_high", "pass@1", "pass@2", "maj@3", "no_answer_rate",
                     "grading_timeouts", "truncation_rate", "response_tokens"):
-            assert f"eval/{bench}/{key}" in metrics, key
-        assert metrics[f"eval/{bench}/pass@1"] == metrics[f"eval/{bench}/avg@3"]
+            assert f"eval/{eval_set}/{key}" in metrics, key
+        assert metrics[f"eval/{eval_set}/pass@1"] == metrics[f"eval/{eval_set}/avg@3"]
     assert metrics["eval/seconds"] > 0 and len(first.samples) == 2 * 3 * 3
     assert [s.response for s in first.samples] == [s.response for s in again.samples]  # seeded per sample id
     assert len({s.response for s in first.samples if s.problem_id == "test-0"}) > 1  # the n samples differ

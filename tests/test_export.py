@@ -143,7 +143,7 @@ def test_model_card_holds_config_data_steps_and_results(merged_dir, run_dir, tin
     assert "Adapter version: v2 (after 2 training steps; the run trained 2 steps, final adapter v2)" in card
     assert "5 problems: 3 trained on, 2 held out" in card
     assert "0.01000 before training, 0.00750 after step 2 (-25.0%)" in card
-    assert "Last benchmark evaluation (after step 2)" in card
+    assert "Last evaluation on eval sets (after step 2)" in card and "| eval set | metric | value |" in card
     assert "| gsm8k | avg@4 | 0.25 [0.100, 0.400] |" in card and "| gsm8k | maj@4 | 0.5 |" in card
     config_yaml = card.split("```yaml\n")[1].split("```")[0]
     assert yaml.safe_load(config_yaml) == to_dict(load_config(run_dir / "config.yaml"))
@@ -154,7 +154,7 @@ def test_model_card_holds_config_data_steps_and_results(merged_dir, run_dir, tin
     assert yaml.safe_load(card.split("---\n")[1])["library_name"] == "peft"
     assert "Adapter version: v1 (after 1 training step; the run trained 2 steps" in card
     assert "Held-out GJS before training: 0.01000." in card  # not evaluated at step 1
-    assert "No benchmark evaluation was recorded" in card
+    assert "No evaluation on eval sets was recorded" in card
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 8
 
 

@@ -75,7 +75,7 @@ def first_run(tiny_model_dir, tmp_path_factory) -> Run:
         scraper = MetricsScraper(f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics")
         scraper.start()
         try:
-            train(tiny_config(tiny_model_dir, run_dir, "eval.every=2", "eval.benchmarks=[gsm8k]", "eval.limit=2",
+            train(tiny_config(tiny_model_dir, run_dir, "eval.every=2", "eval.sets=[gsm8k]", "eval.limit=2",
                               "eval.n=2", "eval.max_tokens=8", "eval.grade_processes=1"), print_fn=lines.append)
         finally:
             scraper.stop.set()
@@ -110,7 +110,7 @@ def test_run_directory_and_progress(first_run):
     assert any("held-out GJS" in line and "before" in line for line in lines)
 
 
-def test_benchmark_evaluation_every_n_steps_is_logged(first_run):
+def test_eval_set_evaluation_every_n_steps_is_logged(first_run):
     records = read_metrics(first_run.run_dir)
     evaluated = [r["step"] for r in records if "eval/gsm8k/avg@2" in r]
     assert evaluated == [2, 4]

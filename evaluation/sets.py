@@ -1,14 +1,15 @@
-"""Which benchmarks exist, and loading them into the canonical problem table.
+"""Which eval sets exist, and loading them into the canonical problem table.
 
-Built-in benchmarks are small files shipped in the repository's ``data/`` directory (sources and licences in
-``data/eval/README.md``), found relative to this package, so ``opsd eval --bench aime24`` works from any working
-directory of a clone:
+An eval set is a set of problems with reference answers that a model is evaluated on (``opsd eval``, and
+``eval.every`` in training). Built-in eval sets are small files shipped in the repository's ``data/`` directory
+(sources and licences in ``data/eval/README.md``), found relative to this package, so ``opsd eval --sets aime24``
+works from any working directory of a clone:
 
     aime24, aime25, hmmt25   30 problems each, integer or LaTeX answers          (mapping ``eval``)
     math500                  500 problems of the MATH test set, LaTeX answers   (mapping ``eval``)
     gsm8k                    1,319 GSM8K test problems, answer after ``####``   (mapping ``gsm8k``)
 
-Any other benchmark is a JSONL or Parquet file given by path (``--bench NAME=PATH`` or just ``PATH``, named after
+Any other eval set is a JSONL or Parquet file given by path (``--sets NAME=PATH`` or just ``PATH``, named after
 the file), read with a column mapping (a preset of :data:`opsd.data.MAPPINGS` plus per-field overrides).
 Files are loaded and validated by :func:`opsd.data.load_problems` with ``problem`` and ``answer``
 required, so a bad file is refused before any generation, naming the file, line and field.
@@ -32,8 +33,8 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True)
-class BenchmarkSpec:
-    """Where a benchmark's problems come from."""
+class EvalSetSpec:
+    """Where an eval set's problems come from."""
 
     name: str
     path: Path
@@ -42,21 +43,21 @@ class BenchmarkSpec:
     description: str = ""
 
 
-BUILTIN: dict[str, BenchmarkSpec] = {
+BUILTIN: dict[str, EvalSetSpec] = {
     spec.name: spec
     for spec in (
-        BenchmarkSpec("aime24", DATA_DIR / "eval" / "aime24.jsonl", "eval", {}, "AIME 2024 I and II"),
-        BenchmarkSpec("aime25", DATA_DIR / "eval" / "aime25.jsonl", "eval", {}, "AIME 2025 I and II"),
-        BenchmarkSpec("hmmt25", DATA_DIR / "eval" / "hmmt25.jsonl", "eval", {}, "HMMT February 2025"),
-        BenchmarkSpec("math500", DATA_DIR / "eval" / "math500.jsonl", "eval", {}, "MATH-500 (MATH test subset)"),
-        BenchmarkSpec("gsm8k", DATA_DIR / "gsm8k" / "test.jsonl", "gsm8k", {}, "GSM8K test set"),
+        EvalSetSpec("aime24", DATA_DIR / "eval" / "aime24.jsonl", "eval", {}, "AIME 2024 I and II"),
+        EvalSetSpec("aime25", DATA_DIR / "eval" / "aime25.jsonl", "eval", {}, "AIME 2025 I and II"),
+        EvalSetSpec("hmmt25", DATA_DIR / "eval" / "hmmt25.jsonl", "eval", {}, "HMMT February 2025"),
+        EvalSetSpec("math500", DATA_DIR / "eval" / "math500.jsonl", "eval", {}, "MATH-500 (MATH test subset)"),
+        EvalSetSpec("gsm8k", DATA_DIR / "gsm8k" / "test.jsonl", "gsm8k", {}, "GSM8K test set"),
     )
 }
 
 
 @dataclass(frozen=True)
-class Benchmark:
-    """A loaded benchmark: the canonical table (id, problem, solution, answer; every answer present)."""
+class EvalSet:
+    """A loaded eval set: the canonical table (id, problem, solution, answer; every answer present)."""
 
     name: str
     path: Path
@@ -67,8 +68,8 @@ class Benchmark:
         return self.table.num_rows
 
 
-def resolve_benchmark(entry: str, mapping: str = "eval", columns: Mapping[str, str] | None = None
-                      ) -> BenchmarkSpec:
+def resolve_eval_set(entry: str, mapping: str = "eval", columns: Mapping[str, str] | None = None
+                     ) -> EvalSetSpec:
     """A built-in name, ``NAME=PATH`` or ``PATH`` -> a spec. ``mapping``/``columns`` apply to files given by path."""
     entry = entry.strip()
     if entry in BUILTIN:
@@ -82,38 +83,38 @@ def resolve_benchmark(entry: str, mapping: str = "eval", columns: Mapping[str, s
         close = difflib.get_close_matches(entry, list(BUILTIN), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DataError(
-            f"unknown benchmark {entry!r}{hint}; built-in: {', '.join(BUILTIN)}; or give a file as PATH or NAME=PATH"
+            f"unknown eval set {entry!r}{hint}; built-in: {', '.join(BUILTIN)}; or give a file as PATH or NAME=PATH"
         )
     if not _NAME_RE.fullmatch(name):
-        raise DataError(f"benchmark name {name!r} (from {entry!r}) must be letters, digits, '_', '-' or '.'")
+        raise DataError(f"eval set name {name!r} (from {entry!r}) must be letters, digits, '_', '-' or '.'")
     if not path.is_file():
-        raise DataError(f"benchmark {name!r}: {path}: file not found" if not path.exists() else f"{path}: not a file")
-    return BenchmarkSpec(name, path, mapping, dict(columns or {}))
+        raise DataError(f"eval set {name!r}: {path}: file not found" if not path.exists() else f"{path}: not a file")
+    return EvalSetSpec(name, path, mapping, dict(columns or {}))
 
 
-def load_benchmark(spec: BenchmarkSpec, limit: int | None = None) -> Benchmark:
-    """Load and validate a benchmark (the first ``limit`` problems); every row needs a problem and an answer."""
+def load_eval_set(spec: EvalSetSpec, limit: int | None = None) -> EvalSet:
+    """Load and validate an eval set (the first ``limit`` problems); every row needs a problem and an answer."""
     if not spec.path.is_file():
         raise DataError(
-            f"benchmark {spec.name!r}: {spec.path} not found. Built-in benchmark files ship in the repository's "
+            f"eval set {spec.name!r}: {spec.path} not found. Built-in eval set files ship in the repository's "
             "data/ directory (an installed, non-editable package does not have them): pass the file as NAME=PATH"
         )
     mapping = mapping_with_columns(spec.mapping, spec.columns)
     table, _ = load_problems(spec.path, mapping, required=("problem", "answer"), limit=limit)
-    return Benchmark(spec.name, spec.path, table)
+    return EvalSet(spec.name, spec.path, table)
 
 
-def load_benchmarks(entries: Sequence[str], limit: int | None = None, mapping: str = "eval",
-                    columns: Mapping[str, str] | None = None) -> list[Benchmark]:
-    """Resolve and load every benchmark (all validated before any is used); names must be unique."""
+def load_eval_sets(entries: Sequence[str], limit: int | None = None, mapping: str = "eval",
+                   columns: Mapping[str, str] | None = None) -> list[EvalSet]:
+    """Resolve and load every eval set (all validated before any is used); names must be unique."""
     if not entries:
-        raise DataError(f"no benchmark given; built-in: {', '.join(BUILTIN)}")
-    specs = [resolve_benchmark(entry, mapping, columns) for entry in entries]
+        raise DataError(f"no eval set given; built-in: {', '.join(BUILTIN)}")
+    specs = [resolve_eval_set(entry, mapping, columns) for entry in entries]
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise DataError(f"benchmark name(s) {', '.join(duplicates)} given more than once; name files NAME=PATH")
-    return [load_benchmark(spec, limit) for spec in specs]
+        raise DataError(f"eval set name(s) {', '.join(duplicates)} given more than once; name files NAME=PATH")
+    return [load_eval_set(spec, limit) for spec in specs]
 
 
 def parse_columns(text: str | None) -> dict[str, str]:
