@@ -4,7 +4,7 @@
     evaluator.check_prompts(cfg.prompt, context)      # before any engine starts
     result = evaluator.run(rollout_pool)              # -> EvalResult; result.metrics(): eval/<set>/avg@n, ...
 
-Problem ids become sample ids ``<set>:<id>@e0r<i>`` (each response seeded by its id); see docs/EVALUATION.md.
+Problem ids become sample ids ``<set>:<id>@e0r<i>`` (each response seeded by its id); see docs/ARCHITECTURE.md ("Evaluation").
 """
 
 from __future__ import annotations

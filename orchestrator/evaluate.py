@@ -60,7 +60,7 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
     eval_sets = load_config_eval_sets(config)
     with Evaluator(config, run.model.load_tokenizer(), eval_sets) as evaluator:
         evaluator.check_prompts(run.prompt, run.max_model_len or run.model.context_length())
-        payload = checked_adapter(run)
+        payload, lora_rank = checked_adapter(run)
         problems = sum(s.num_problems for s in evaluator.eval_sets)
         print_fn(f"opsd eval: {problems} problems x {config.n} samples from "
                  f"{', '.join(f'{s.name} ({s.num_problems})' for s in evaluator.eval_sets)}")
@@ -75,7 +75,7 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
             engines_started = time.perf_counter()
             with reserve(plan, timeout_s=run.start_timeout_s, log=print_fn) as reservation:
                 pool = RolloutPool(run.model, rollout, run.prompt, actor_options=reservation.stage_options("rollout"),
-                                   max_lora_rank=engine_lora_rank(payload.rank) if payload else VLLM_LORA_RANKS[1],
+                                   max_lora_rank=lora_rank,
                                    call_timeout_s=run.start_timeout_s, log=print_fn)
                 try:
                     engine_seconds = time.perf_counter() - engines_started
@@ -101,10 +101,11 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
     return result, path
 
 
-def checked_adapter(run: EvalRun) -> AdapterPayload | None:
-    """The adapter (version 1), checked against the base model before any engine starts."""
+def checked_adapter(run: EvalRun) -> tuple[AdapterPayload | None, int]:
+    """The adapter (version 1), checked against the base model before any engine starts, and the engines' LoRA
+    rank: the smallest vLLM rank that holds all its ranks (``rank_pattern`` included); 8 without an adapter."""
     if run.adapter is None:
-        return None
+        return None, VLLM_LORA_RANKS[1]
     from opsd.lora import AdapterTarget, model_linear_shapes, validate_adapter
 
     payload = read_adapter_dir(run.adapter, version=1)
@@ -119,7 +120,7 @@ def checked_adapter(run: EvalRun) -> AdapterPayload | None:
         validate_adapter(payload, target)
     except AdapterError as exc:
         raise AdapterError(f"{run.adapter}: {exc}") from exc
-    return payload
+    return payload, rank
 
 
 def rollout_config(config: EvalConfig, run: EvalRun, gpus: int) -> RolloutConfig:

@@ -20,6 +20,12 @@ from rollout.pool import RolloutPool, Rollouts
 from teacher.pool import Scored, TeacherPool
 
 
+def teacher_context_tokens(cfg: OPSDConfig) -> int:
+    """The longest teacher context: teacher.max_context_tokens, else the model's own maximum (what the teacher
+    actors use too), so the learner's in-process teacher applies the same length policy."""
+    return cfg.teacher.max_context_tokens or cfg.model.context_length() or 32_768
+
+
 @dataclass
 class Stages:
     rollout: RolloutPool
@@ -47,7 +53,7 @@ class Stages:
                                       device="cpu" if plan.on_cpu else None, call_timeout_s=timeout, log=log)
             learner = LearnerGroup(
                 cfg.model, cfg.learner, total_steps=total_steps, seed=cfg.train.seed, expected_top_k=cfg.teacher.top_k,
-                full_teacher=FullTeacherSettings(cfg.prompt, cfg.teacher.max_context_tokens or 32_768,
+                full_teacher=FullTeacherSettings(cfg.prompt, teacher_context_tokens(cfg),
                                                  cfg.teacher.on_overlength),
                 actor_options=reservation.stage_options("learner"), timeout_s=timeout,
             )

@@ -232,9 +232,9 @@ def restore(stages: Stages, sampler: EpochSampler, resume: ResumePoint, progress
     stages.learner.load_checkpoint(resume.checkpoint)
     sampler.cursor = resume.cursor
     progress.heldout_gjs.update(resume.heldout_gjs)
-    payload = stages.learner.export_adapter()
-    stages.rollout.load_adapter(payload)
-    print_fn(f"opsd: resumed from {resume.checkpoint} at step {resume.step} (adapter v{payload.version})")
+    version = stages.learner.version
+    stages.rollout.load_adapter(stages.learner.export_adapter() if version else None)  # v0: the base model
+    print_fn(f"opsd: resumed from {resume.checkpoint} at step {resume.step} (adapter v{version})")
     return resume.step
 
 

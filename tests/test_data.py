@@ -25,7 +25,6 @@ from opsd.data import (
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "data"
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 EVAL = {"mapping": "eval", "required": ("problem", "answer")}
 
@@ -340,20 +339,14 @@ def test_shipped_gsm8k_subset():
     assert table.column("answer").null_count == 0
 
 
-def shared(relative: str) -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data folder {SHARED_DATA} is absent (it sits beside the repository on CI machines)")
-    return SHARED_DATA / relative
-
-
-def test_full_gsm8k_train():
-    table, report = load_problems(shared("gsm8k/train.jsonl"), "gsm8k")
-    assert table.num_rows == report.rows_read == 7473
+def test_gsm8k_test_split_loads_without_calculator_marks():
+    table, report = load_problems(REPO / "data" / "gsm8k" / "test.jsonl", "gsm8k")
+    assert table.num_rows == report.rows_read == 1319
     assert not any("<<" in s for s in table.column("solution").to_pylist())
 
 
 @pytest.mark.parametrize("name, rows", [("aime24", 30), ("aime25", 30), ("hmmt25", 30), ("math500", 500)])
 def test_eval_sets(name, rows):
-    table, report = load_problems(shared(f"eval/{name}.jsonl"), **EVAL)
+    table, report = load_problems(REPO / "data" / "eval" / f"{name}.jsonl", **EVAL)
     assert table.num_rows == report.rows_kept == rows
     assert table.column("answer").null_count == 0
