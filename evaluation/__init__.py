@@ -4,7 +4,7 @@ An eval set is a set of problems with reference answers (AIME 2024/2025, HMMT 20
 by path). The speed and memory scripts of ``benchmarks/`` are another thing.
 
     sets.py        which eval sets exist (built-in files shipped in ``data/``, or any file by path) and loading
-    extract.py     the final answer of a response: the last ``\\boxed{...}``, else GSM8K's ``#### ...``
+    (final answers are extracted by opsd.answers, shared with training's student accuracy)
     grading.py     answer equivalence with math-verify, in worker processes with a per-answer timeout
     scores.py      avg@n, unbiased pass@k, maj@n, 95% intervals, paired differences between two runs
     config.py      EvalConfig: sampling, grading and metric settings (a config section)

@@ -1,9 +1,9 @@
 """EvalConfig: what an evaluation samples, how it grades, and what it reports (``opsd eval`` and in training).
 
 Defaults follow the paper's released evaluation (``eval/evaluate_math.py`` and ``eval/run_eval.sh`` of the OPSD
-repository): 16 samples per problem, temperature 1.0, top_p 0.95, no top-k, up to 38,912 new tokens, Qwen3
-thinking mode on. The prompt is the student's (``opsd.prompts``): the problem and the instruction to put the final
-answer in ``\\boxed{}``, through the model's chat template.
+repository): 16 samples per problem, temperature 1.0, top_p 0.95, no top-k, up to 38,912 new tokens, and its own
+prompt, independent of the training prompt: the problem (no "Problem:" prefix) and the instruction to put the
+final answer in ``\\boxed{}``, through the model's chat template with Qwen3 thinking mode on.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from opsd.configlib import check
+from opsd.prompts import DEFAULT_INSTRUCTION, PromptConfig, check_template
 from opsd.sampling import check_sampling
+
+EVAL_TEMPLATE = "{problem}\n\n{instruction}"
 
 
 @dataclass
@@ -53,6 +56,18 @@ class EvalConfig:
     seed: int = field(
         default=0, metadata={"doc": "Sampling seed; each response's stream derives from (seed, sample id)."}
     )
+    template: str = field(
+        default=EVAL_TEMPLATE,
+        metadata={"doc": "User turn of the evaluation prompt (the official evaluation script's by default), whatever "
+                  "the training prompt. Placeholders: {problem}, {instruction}."},
+    )
+    instruction: str = field(default=DEFAULT_INSTRUCTION, metadata={"doc": "Answer-format instruction."})
+    thinking: bool = field(
+        default=True, metadata={"doc": "Qwen3 thinking mode in the chat template (the paper evaluates with it on)."}
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"doc": "Optional system turn. None: the chat template's own default."}
+    )
     pass_k: list[int] = field(
         default_factory=list,
         metadata={"doc": "k of the pass@k columns (each <= n). Empty: the powers of two from 2 below n, and n "
@@ -74,7 +89,13 @@ class EvalConfig:
         "benchmarks": "renamed eval.sets",
     }
 
+    def prompt(self) -> PromptConfig:
+        """The evaluation prompt as a student prompt config (what the rollout workers are given per call)."""
+        return PromptConfig(student_template=self.template, student_thinking=self.thinking,
+                            instruction=self.instruction, system_prompt=self.system_prompt)
+
     def validate(self) -> None:
+        check_template(self.template, "eval.template", required=("problem",), forbidden=("solution",))
         check(bool(self.sets), "sets", "must name at least one eval set")
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or null, got {self.limit}")
         check(self.every >= 0, "every", f"must be >= 0 (0 is off), got {self.every}")

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from evaluation.extract import vote_key
+from opsd.answers import vote_key
 from evaluation.grading import GRADE_STATUSES
 from evaluation.scores import Estimate, ProblemScore, majority_correct, score_eval_set
 

@@ -1,7 +1,7 @@
 """Running an evaluation: a RolloutPool samples, this process extracts and grades, the records are scored.
 
     evaluator = Evaluator(cfg.eval, tokenizer)        # loads and checks the eval sets, starts the grading pool
-    evaluator.check_prompts(cfg.prompt, context)      # before any engine starts
+    evaluator.check_prompts(context)                  # before any engine starts (its own prompt, eval.template)
     result = evaluator.run(rollout_pool)              # -> EvalResult; result.metrics(): eval/<set>/avg@n, ...
 
 Problem ids become sample ids ``<set>:<id>@e0r<i>`` (each response seeded by its id); see docs/ARCHITECTURE.md ("Evaluation").
@@ -18,12 +18,12 @@ import pyarrow.compute as pc
 
 from evaluation.sets import EvalSet, load_eval_sets
 from evaluation.config import EvalConfig
-from evaluation.extract import extract_answer
+from opsd.answers import extract_answer
 from evaluation.grading import Grader
 from evaluation.records import EvalResult, SampleRecord, summarize
 from opsd.configlib import ConfigError, validate_all
 from opsd.errors import UserInputError
-from opsd.prompts import PromptBuilder, PromptConfig
+from opsd.prompts import PromptBuilder
 from opsd.sampling import Sampling
 from opsd.schema import PROBLEM_SCHEMA, parse_sample_id, sample_id
 from opsd.schema import rollout_stats
@@ -78,7 +78,8 @@ def run_eval(pool: Any, eval_sets: Sequence[EvalSet], config: EvalConfig, tokeni
     ``tokenizer`` decodes the responses (the model's). ``grader``: a pool to reuse across calls; None starts one
     for this call and stops it after."""
     started = time.perf_counter()
-    table = pool.generate(problem_table(eval_sets, config.seed), sampling_of(config), config.generate_timeout_s)
+    table = pool.generate(problem_table(eval_sets, config.seed), sampling_of(config), config.prompt(),
+                          config.generate_timeout_s)
     generated = time.perf_counter()
 
     responses = decode_responses(table, tokenizer)
@@ -133,8 +134,8 @@ class Evaluator:
         self.eval_sets = list(eval_sets) if eval_sets is not None else load_config_eval_sets(config)
         self.grader = Grader(config.grade_processes, config.grade_timeout_s)
 
-    def check_prompts(self, prompt: PromptConfig | None, context_tokens: int | None) -> None:
-        """Refuse, naming the problems, student prompts that leave less than ``max_tokens`` of a
+    def check_prompts(self, context_tokens: int | None) -> None:
+        """Refuse, naming the problems, evaluation prompts that leave less than ``max_tokens`` of a
         ``context_tokens`` context (what the engines would refuse after starting), and a ``max_tokens`` that
         leaves no room for any prompt. ``context_tokens`` None: no check."""
         if context_tokens is None:
@@ -143,7 +144,7 @@ class Evaluator:
         if max_tokens >= context_tokens:
             raise ConfigError("max_tokens", f"{max_tokens} does not fit the engines' context of {context_tokens} "
                               "tokens with a prompt; lower it or raise max_model_len")
-        builder = PromptBuilder(self.tokenizer, prompt)
+        builder = PromptBuilder(self.tokenizer, self.config.prompt())
         limit = context_tokens - max_tokens
         too_long = []
         for eval_set in self.eval_sets:
@@ -155,7 +156,7 @@ class Evaluator:
         if too_long:
             more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
             raise UserInputError(
-                f"{len(too_long)} student prompt(s) too long: {', '.join(too_long[:5])}{more}. With max_tokens "
+                f"{len(too_long)} evaluation prompt(s) too long: {', '.join(too_long[:5])}{more}. With max_tokens "
                 f"{max_tokens} in a {context_tokens}-token context a prompt may hold {limit} tokens; raise "
                 "max_model_len (up to the model's context) or lower max_tokens")
 

@@ -5,7 +5,7 @@ Each problem has ``n`` sampled responses, ``c`` of them correct. Per problem:
 * **avg@n** = c / n, the paper's metric (the expected accuracy of one sample; equal to pass@1);
 * **pass@k** = 1 - C(n-c, k) / C(n, k), the unbiased estimator of "at least one of k samples is correct"
   (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"), for k <= n;
-* **maj@n** = 1 if the most frequent extracted answer (:func:`~evaluation.extract.vote_key`; ties go
+* **maj@n** = 1 if the most frequent extracted answer (:func:`~opsd.answers.vote_key`; ties go
   to the answer seen first; samples without an answer do not vote) is correct, else 0.
 
 An eval set's score is the mean over its problems. The 95% interval is the normal interval of that mean,

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from opsd.answers import extract_boxed
 from opsd.errors import UserInputError
 
 CANONICAL_FIELDS = ("id", "problem", "solution", "answer")
@@ -43,7 +44,8 @@ class ColumnMapping:
 
     ``id=None`` gives ids ``"<file stem>-<row index>"``, the 0-based index of the row in the file (blank JSONL lines
     are not rows; skipped bad rows keep their index), so ids stay stable whatever is skipped or limited.
-    ``answer_from_solution="gsm8k"`` derives the answer from the text after the last ``'#### '`` of the solution.
+    ``answer_from_solution="gsm8k"`` derives the answer from the text after the last ``'#### '`` of the solution;
+    ``"boxed"`` from its last ``\\boxed{...}`` (none there: no answer, unless the answer is required).
     """
 
     problem: str
@@ -56,8 +58,8 @@ class ColumnMapping:
     def __post_init__(self) -> None:
         if not isinstance(self.problem, str) or not self.problem:
             raise DataError(f"ColumnMapping.problem must name a source column, got {self.problem!r}")
-        if self.answer_from_solution not in (None, "gsm8k"):
-            raise DataError(f"answer_from_solution must be None or 'gsm8k', got {self.answer_from_solution!r}")
+        if self.answer_from_solution not in (None, "gsm8k", "boxed"):
+            raise DataError(f"answer_from_solution must be None, 'gsm8k' or 'boxed', got {self.answer_from_solution!r}")
         if self.answer_from_solution and (self.solution is None or self.answer is not None):
             raise DataError("answer_from_solution needs a solution column and no answer column")
 
@@ -72,7 +74,12 @@ MAPPINGS: dict[str, ColumnMapping] = {
     # GSM8K: the solution keeps its text and its final '#### N' line; only the <<a*b=c>> marks go.
     "gsm8k": ColumnMapping("question", solution="answer", answer_from_solution="gsm8k", strip_calculator_marks=True),
     "openthoughts": ColumnMapping(problem="problem", solution="solution", answer="answer"),
+    # The OPSD authors' training set (siyanzhao/Openthoughts_math_30k_opsd): problem and solution only; the answer
+    # (for the student-accuracy metric) is the solution's last \boxed{}.
+    "opsd-math30k": ColumnMapping(problem="problem", solution="solution", answer_from_solution="boxed"),
     "eval": ColumnMapping(problem="problem", answer="answer"),
+    # The project's own columns, as `opsd data convert` writes them.
+    "opsd": ColumnMapping(problem="problem", solution="solution", answer="answer", id="id"),
 }
 
 
@@ -165,7 +172,11 @@ def _convert(record: Mapping[str, Any], default_id: str, mapping: ColumnMapping,
     problem = _text(record, "problem", m.problem, True, False)
     solution = _text(record, "solution", m.solution, "solution" in need, False) if m.solution else None
     answer = None
-    if m.answer_from_solution and solution is not None:
+    if m.answer_from_solution == "boxed" and solution is not None:
+        answer = extract_boxed(solution)
+        if answer is None and "answer" in need:
+            raise _BadRow("no_final_answer", "solution has no \\boxed{} final answer", "answer", m.solution, True)
+    elif m.answer_from_solution and solution is not None:
         answer = _gsm8k_answer(solution, m.solution or "")
     elif m.answer_from_solution and "answer" in need:
         raise _BadRow("missing_field", "cannot be derived: the solution is missing", "answer", m.solution, True)
@@ -301,11 +312,91 @@ def mapping_with_columns(mapping: str | ColumnMapping | Mapping[str, Any], colum
 
 
 def load_dataset(data: Any, required: Sequence[str] = ("problem", "solution")) -> tuple[pa.Table, LoadReport]:
-    """Load what a config's ``data`` section names (path, mapping, columns, format, on_bad_row, limit)."""
+    """Load what a config's ``data`` section names: a file, or a Hugging Face dataset id (``split``, ``revision``),
+    with its mapping, columns, format, on_bad_row and limit. Every row of a Hub dataset goes through the same
+    checks as a file's (the error names the cached file, its row and the field)."""
     mapping = mapping_with_columns(data.mapping, getattr(data, "columns", None) or {})
-    return load_problems(
-        data.path, mapping, fmt=data.format, required=required, on_bad_row=data.on_bad_row, limit=data.limit
-    )
+    dataset_id = hub_dataset_id(data.path)
+    if dataset_id is None:
+        return load_problems(
+            data.path, mapping, fmt=data.format, required=required, on_bad_row=data.on_bad_row, limit=data.limit
+        )
+    split, revision = getattr(data, "split", "train"), getattr(data, "revision", None)
+    tables, reports, left = [], [], data.limit
+    for path in hub_files(dataset_id, split, revision):
+        table, report = load_problems(path, mapping, fmt="auto", required=required, on_bad_row=data.on_bad_row,
+                                      limit=left)
+        tables.append(table)
+        reports.append(report)
+        if left is not None:
+            left -= table.num_rows
+            if left <= 0:
+                break
+    skipped: Counter[str] = Counter()
+    for report in reports:
+        skipped.update(report.skipped)
+    where = f"hf://{dataset_id} ({split}{', revision ' + revision if revision else ''})"
+    return pa.concat_tables(tables), LoadReport(where, sum(r.rows_read for r in reports),
+                                                sum(r.rows_kept for r in reports), dict(skipped))
+
+
+HUB_PREFIX = "hf://"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_dataset_id(path: str) -> str | None:
+    """The Hugging Face dataset id ``path`` names (``hf://owner/name``, or ``owner/name`` when no such local file
+    or directory exists and it has no data-file suffix); None for a local file."""
+    if path.startswith(HUB_PREFIX):
+        return path[len(HUB_PREFIX):].strip("/")
+    if Path(path).exists() or any(path.endswith(suffix) for suffix in _SUFFIXES) or not _HUB_ID.fullmatch(path):
+        return None
+    return path
+
+
+def hub_files(dataset_id: str, split: str, revision: str | None = None) -> list[Path]:
+    """The data files (Parquet or JSONL) of one split of a Hub dataset, downloaded once into the Hugging Face cache
+    (offline, ``HF_HUB_OFFLINE=1``: from the cache only). Splits are named as the Hub does: a ``train`` directory,
+    or files named ``train.*``, ``train-00000-of-00001.*``."""
+    from huggingface_hub import snapshot_download
+
+    where = f"dataset {dataset_id!r}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        root = Path(snapshot_download(dataset_id, repo_type="dataset", revision=revision,
+                                      allow_patterns=[f"*{suffix}" for suffix in _SUFFIXES]))
+    except Exception as exc:  # network, auth, unknown repo or revision, offline without a cached copy
+        offline = "; offline (HF_HUB_OFFLINE) only a dataset already in the local cache loads" if _hub_offline() else ""
+        raise DataError(f"{where}: cannot load it from the Hugging Face Hub ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}){offline}. Download it once while "
+                        "online, or give a local .jsonl/.parquet file as data.path") from None
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _format_suffix(p.name))
+    chosen = [p for p in files if _split_of(p.relative_to(root)) == split]
+    if not chosen:
+        found = sorted({_split_of(p.relative_to(root)) or p.name for p in files}) or ["no data files"]
+        raise DataError(f"{where}: no {split!r} split (found: {', '.join(found)}); set data.split")
+    return chosen
+
+
+def _split_of(relative: Path) -> str | None:
+    for directory in relative.parts[:-1]:
+        if directory in ("train", "test", "validation", "valid", "dev"):
+            return directory
+    name = relative.name
+    for suffix in _SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    match = re.match(r"([A-Za-z0-9]+)(?:[-_.]|$)", name)
+    return match.group(1) if match else None
+
+
+def _format_suffix(name: str) -> str | None:
+    return next((fmt for suffix, fmt in _SUFFIXES.items() if name.endswith(suffix)), None)
+
+
+def _hub_offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
 def _collect(

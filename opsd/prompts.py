@@ -13,23 +13,54 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
+from opsd.configlib import check
 from opsd.errors import UserInputError
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
-DEFAULT_STUDENT_TEMPLATE = "Problem: {problem}\n\n{instruction}"
-
-DEFAULT_TEACHER_TEMPLATE = (
+# The prompts of the official OPSD code (siyan-zhao/OPSD, data_collator.py) as its current training scripts run it.
+OPSD_STUDENT_TEMPLATE = "Problem: {problem}\n\n{instruction}"
+OPSD_TEACHER_TEMPLATE = (
     "Problem: {problem}\n\n"
     "Here is a reference solution to this problem:\n"
-    "{solution}\n\n"
-    "After understanding the reference solution and the rationale behind each step, now articulate your own "
-    "step-by-step reasoning that derives the same final answer to the problem below:\n\n"
-    "Problem: {problem}\n\n"
-    "{instruction}"
+    "=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n"
+    "\n\nAfter reading the reference solution above, make sure you truly understand the reasoning behind each step "
+    "\u2014 do not copy or paraphrase it. Now, using your own words and independent reasoning, derive the same final "
+    "answer to the problem above. Think step by step, explore different approaches, and don't be afraid to backtrack "
+    "or reconsider if something doesn't work out:\n"
+    "\n{instruction}"
 )
+# Its first release, which produced the paper's results: no markers, a shorter transition, the problem without the
+# "Problem:" prefix in the teacher turn, and the chat template's default (thinking) mode for both.
+PAPER_TEACHER_TEMPLATE = (
+    "{problem}\n\n"
+    "Here is a reference solution to this problem:\n{solution}\n"
+    "\n\nAfter understanding the reference solution and the rationale behind each step, now articulate your own "
+    "step-by-step reasoning that derives the same final answer to the problem below:\n"
+    "\n{instruction}"
+)
+
+
+@dataclass(frozen=True)
+class PromptPreset:
+    """A coherent set of templates and thinking modes; a config key set explicitly overrides its value."""
+
+    student_template: str
+    teacher_template: str
+    student_thinking: bool
+    teacher_thinking: bool
+
+
+PRESETS: dict[str, PromptPreset] = {
+    # The official code now: student without thinking, teacher in thinking mode (its student_thinking /
+    # teacher_thinking defaults), the reference solution between markers.
+    "opsd": PromptPreset(OPSD_STUDENT_TEMPLATE, OPSD_TEACHER_TEMPLATE, student_thinking=False, teacher_thinking=True),
+    # The paper's release (both turns through the template's default mode: thinking for Qwen3).
+    "opsd-paper": PromptPreset(OPSD_STUDENT_TEMPLATE, PAPER_TEACHER_TEMPLATE, student_thinking=True,
+                               teacher_thinking=True),
+}
 
 PLACEHOLDERS = ("problem", "solution", "instruction")
 _PLACEHOLDER_RE = re.compile(r"\{(problem|solution|instruction)\}")
@@ -39,13 +70,21 @@ _PLACEHOLDER_RE = re.compile(r"\{(problem|solution|instruction)\}")
 class PromptConfig:
     """How the student and teacher user turns are written (both then go through the chat template)."""
 
-    student_template: str = field(
-        default=DEFAULT_STUDENT_TEMPLATE,
-        metadata={"doc": "User turn of the student. Placeholders: {problem}, {instruction}."},
+    preset: Literal["opsd", "opsd-paper"] = field(
+        default="opsd",
+        metadata={"doc": "'opsd': the official OPSD code's current prompts (student without thinking; teacher in "
+                  "thinking mode, the reference solution between '=== Reference Solution Begin/End ===' markers). "
+                  "'opsd-paper': its first release, which produced the paper's numbers. The keys below override "
+                  "the preset."},
     )
-    teacher_template: str = field(
-        default=DEFAULT_TEACHER_TEMPLATE,
-        metadata={"doc": "User turn of the teacher. Placeholders: {problem}, {solution}, {instruction}."},
+    student_template: str | None = field(
+        default=None,
+        metadata={"doc": "User turn of the student. Placeholders: {problem}, {instruction}. None: the preset's."},
+    )
+    teacher_template: str | None = field(
+        default=None,
+        metadata={"doc": "User turn of the teacher. Placeholders: {problem}, {solution}, {instruction}. None: the "
+                  "preset's."},
     )
     instruction: str = field(
         default=DEFAULT_INSTRUCTION,
@@ -55,17 +94,38 @@ class PromptConfig:
         default=None,
         metadata={"doc": "Optional system turn, the same for student and teacher. None: the template's own default."},
     )
-    enable_thinking: bool = field(
-        default=False,
-        metadata={
-            "doc": "Qwen3 thinking mode in the chat template (student and teacher alike, so the student's trace "
-            "continues the teacher's context in the same mode). Ignored by templates without it."
-        },
+    student_thinking: bool | None = field(
+        default=None,
+        metadata={"doc": "Qwen3 thinking mode of the student's chat template. None: the preset's. Ignored by "
+                  "templates without it."},
+    )
+    teacher_thinking: bool | None = field(
+        default=None,
+        metadata={"doc": "Qwen3 thinking mode of the teacher's chat template. None: the preset's."},
     )
 
+    RETIRED_KEYS: ClassVar[dict[str, str]] = {
+        "enable_thinking": "split into prompt.student_thinking and prompt.teacher_thinking (each defaults to the "
+                           "preset's mode)",
+    }
+
+    @property
+    def student(self) -> tuple[str, bool]:
+        """The student's template and thinking mode, preset and overrides resolved."""
+        preset = PRESETS[self.preset]
+        return (self.student_template if self.student_template is not None else preset.student_template,
+                self.student_thinking if self.student_thinking is not None else preset.student_thinking)
+
+    @property
+    def teacher(self) -> tuple[str, bool]:
+        preset = PRESETS[self.preset]
+        return (self.teacher_template if self.teacher_template is not None else preset.teacher_template,
+                self.teacher_thinking if self.teacher_thinking is not None else preset.teacher_thinking)
+
     def validate(self) -> None:
-        check_template(self.student_template, "prompt.student_template", required=("problem",), forbidden=("solution",))
-        check_template(self.teacher_template, "prompt.teacher_template", required=("problem", "solution"))
+        check(self.preset in PRESETS, "preset", f"must be one of {', '.join(map(repr, PRESETS))}, got {self.preset!r}")
+        check_template(self.student[0], "prompt.student_template", required=("problem",), forbidden=("solution",))
+        check_template(self.teacher[0], "prompt.teacher_template", required=("problem", "solution"))
 
 
 class PromptError(UserInputError):
@@ -128,11 +188,11 @@ class PromptBuilder:
 
     # -- user turns ------------------------------------------------------------------------------------------
     def student_user_turn(self, problem: str) -> str:
-        return fill_template(self.config.student_template, problem=problem, instruction=self.config.instruction)
+        return fill_template(self.config.student[0], problem=problem, instruction=self.config.instruction)
 
     def teacher_user_turn(self, problem: str, solution: str) -> str:
         return fill_template(
-            self.config.teacher_template, problem=problem, solution=solution, instruction=self.config.instruction
+            self.config.teacher[0], problem=problem, solution=solution, instruction=self.config.instruction
         )
 
     def _messages(self, user_turn: str) -> list[dict[str, str]]:
@@ -142,20 +202,20 @@ class PromptBuilder:
         messages.append({"role": "user", "content": user_turn})
         return messages
 
-    def _render(self, user_turn: str) -> str:
+    def _render(self, user_turn: str, thinking: bool) -> str:
         return self.tokenizer.apply_chat_template(
             self._messages(user_turn),
             tokenize=False,
             add_generation_prompt=True,
-            enable_thinking=self.config.enable_thinking,
+            enable_thinking=thinking,
         )
 
     # -- full prompts (chat template applied, ending with the assistant generation prefix) --------------------
     def student_prompt(self, problem: str) -> str:
-        return self._render(self.student_user_turn(problem))
+        return self._render(self.student_user_turn(problem), self.config.student[1])
 
     def teacher_prompt(self, problem: str, solution: str) -> str:
-        return self._render(self.teacher_user_turn(problem, solution))
+        return self._render(self.teacher_user_turn(problem, solution), self.config.teacher[1])
 
     def encode(self, text: str) -> list[int]:
         # The chat template already wrote every special token: add none.

@@ -29,15 +29,20 @@ def _cmd_model_import_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_section(args: argparse.Namespace):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(path=args.path, mapping=args.mapping, columns={}, format=args.format,
+                           on_bad_row=args.on_bad_row, limit=args.limit, split=args.split, revision=args.revision)
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
-    from opsd.data import load_problems
+    from opsd.data import load_dataset
 
     # Evaluation files have answers, not solutions: check what each kind of file is used for.
     required_text = args.required or ("problem,answer" if args.mapping == "eval" else "problem,solution")
     required = tuple(f.strip() for f in required_text.split(",") if f.strip())
-    table, report = load_problems(
-        args.path, args.mapping, fmt=args.format, required=required, on_bad_row=args.on_bad_row, limit=args.limit
-    )
+    table, report = load_dataset(_data_section(args), required=required)
     print(f"{report.path}: read {report.rows_read} rows, kept {report.rows_kept}")
     for reason, count in sorted(report.skipped.items()):
         print(f"  skipped {count} ({reason})")
@@ -48,6 +53,22 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
                 continue
             text = str(value)
             print(f"  first row {key}: {text[:120]!r}{' ...' if len(text) > 120 else ''}")
+    return 0
+
+
+def _cmd_data_convert(args: argparse.Namespace) -> int:
+    """Any supported source (a file, a Hub dataset) to the project's columns (id, problem, solution, answer) in one
+    Parquet file, written atomically."""
+    import pyarrow.parquet as pq
+
+    from opsd.atomic import atomic_file
+    from opsd.data import load_dataset
+
+    table, report = load_dataset(_data_section(args), required=("problem", "solution"))
+    with atomic_file(args.out) as tmp:
+        pq.write_table(table, tmp)
+    print(f"{report.path}: kept {report.rows_kept} of {report.rows_read} rows; wrote {args.out} "
+          f"(columns {', '.join(table.column_names)}; load it with data.mapping=opsd)")
     return 0
 
 
@@ -75,6 +96,20 @@ def _cmd_prompts(args: argparse.Namespace) -> int:
     from orchestrator.preview import preview_prompts
 
     preview_prompts(load_config(args.config, args.overrides), rows=args.rows)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import os
+
+    from orchestrator.config import load_config
+    from orchestrator.placement import logical_cpus
+    from orchestrator.plan import cluster_of, describe_run
+
+    cfg = load_config(args.config, args.overrides)
+    # This machine as an embedded cluster declares it (its cores plus one per teacher and learner actor).
+    cores = args.cpus_per_node or (logical_cpus(cfg) if not args.gpus_per_node else len(os.sched_getaffinity(0)))
+    print(describe_run(cfg, cluster_of(args.nodes, args.gpus_per_node, cores)))
     return 0
 
 
@@ -137,20 +172,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from evaluation.sets import parse_columns
     from evaluation.config import EvalConfig
     from opsd.model import ModelSpec
-    from opsd.prompts import PromptConfig
     from orchestrator.evaluate import EvalRun, evaluate
 
     config = EvalConfig(
         sets=[s.strip() for s in args.sets.split(",") if s.strip()], mapping=args.mapping,
         columns=parse_columns(args.columns), limit=args.limit, n=args.n,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
-        seed=args.seed, pass_k=_int_list(args.pass_k, "--pass-k"),
+        seed=args.seed, pass_k=_int_list(args.pass_k, "--pass-k"), thinking=args.thinking,
         grade_timeout_s=args.grade_timeout, grade_processes=args.grade_processes)
     run = EvalRun(
         model=ModelSpec(args.model, args.tokenizer, args.revision, args.trust_remote_code, args.dtype),
         out=Path(args.out or Path("runs") / "eval" / time.strftime("%Y%m%d-%H%M%S")),
         adapter=Path(args.adapter) if args.adapter else None,
-        prompt=PromptConfig(enable_thinking=args.thinking), workers=args.workers,
+        workers=args.workers,
         tensor_parallel_size=args.tensor_parallel_size, max_model_len=args.max_model_len,
         cpu_kv_cache_gib=args.kv_cache_gib, overwrite=args.overwrite)
     evaluate(config, run)
@@ -180,16 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     gguf.set_defaults(func=_cmd_model_import_gguf)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    check = data.add_parser("check", help="load and validate a JSONL or Parquet dataset")
-    check.add_argument("path")
-    check.add_argument("--mapping", default="openthoughts", help="gsm8k, openthoughts or eval")
-    check.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet"])
+    def data_source(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("path", help="a .jsonl/.parquet file, or a Hugging Face dataset id (owner/name)")
+        p.add_argument("--mapping", default="openthoughts", help="gsm8k, openthoughts, opsd-math30k, opsd or eval")
+        p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet"])
+        p.add_argument("--split", default="train", help="split of a Hub dataset")
+        p.add_argument("--revision", default=None, help="revision of a Hub dataset")
+        p.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
+        p.add_argument("--limit", type=int, default=None)
+        return p
+
+    check = data_source(data.add_parser("check", help="load and validate a dataset, print what was kept"))
     check.add_argument(
         "--required", default=None, help="fields every row must have (default: problem,answer for eval, else problem,solution)"
     )
-    check.add_argument("--on-bad-row", default="error", choices=["error", "skip"])
-    check.add_argument("--limit", type=int, default=None)
     check.set_defaults(func=_cmd_data_check)
+    convert = data_source(data.add_parser("convert", help="a dataset in the project's columns, as one Parquet file"))
+    convert.add_argument("--out", required=True, help="output .parquet file (written atomically)")
+    convert.set_defaults(func=_cmd_data_convert)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
@@ -207,6 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     prompts = with_config(commands.add_parser("prompts", help="print the first student and teacher prompts"))
     prompts.add_argument("--rows", type=int, default=1, help="how many rows to show")
     prompts.set_defaults(func=_cmd_prompts)
+
+    plan = with_config(commands.add_parser("plan", help="the resource plan and batch of a config, before anything runs"))
+    plan.add_argument("--nodes", type=int, default=1, help="nodes of the cluster to plan for (default 1)")
+    plan.add_argument("--gpus-per-node", type=float, default=8, help="GPUs per node (default 8; 0: a CPU machine)")
+    plan.add_argument("--cpus-per-node", type=float, default=None, help="CPUs per node (default: this machine's)")
+    plan.set_defaults(func=_cmd_plan)
 
     with_config(commands.add_parser("train", help="train with OPSD on Ray")).set_defaults(func=_cmd_train)
 

@@ -30,11 +30,19 @@ class DataConfig:
 
     path: str = field(
         default="",
-        metadata={"doc": "Training data file (.jsonl or .parquet) with a problem and a solution per row. Required."},
+        metadata={"doc": "Training data: a .jsonl or .parquet file with a problem and a solution per row, or a "
+                  "Hugging Face dataset id (owner/name or hf://owner/name; downloaded once into the local cache). "
+                  "Required."},
     )
-    mapping: Literal["gsm8k", "openthoughts", "eval"] = field(
+    split: str = field(default="train", metadata={"doc": "Split of a Hugging Face dataset (ignored for files)."})
+    revision: str | None = field(
+        default=None, metadata={"doc": "Revision (branch, tag, commit) of a Hugging Face dataset. None: main."}
+    )
+    mapping: Literal["gsm8k", "openthoughts", "opsd-math30k", "opsd", "eval"] = field(
         default="openthoughts",
-        metadata={"doc": "Preset naming the dataset's source columns for problem, solution, answer and id."},
+        metadata={"doc": "Preset naming the dataset's source columns for problem, solution, answer and id. "
+                  "'opsd-math30k': the OPSD authors' training set (siyanzhao/Openthoughts_math_30k_opsd; the "
+                  "answer is the solution's last \\boxed{}). 'opsd': the columns `opsd data convert` writes."},
     )
     columns: dict[str, str] = field(
         default_factory=dict,
@@ -115,6 +123,12 @@ class TrainConfig:
         metadata={"doc": "Continue from a checkpoint: 'latest' (the newest in run_dir/checkpoints) or a checkpoint "
                   "directory. The learner state, the data cursor and the step count are restored; the rollout "
                   "workers get the checkpoint's adapter. None: start from the base model."},
+    )
+    student_accuracy: bool = field(
+        default=True,
+        metadata={"doc": "Grade each training trace's final answer (its last \\boxed{}) against its problem's "
+                  "reference answer (math-verify, in the background) and log student_accuracy per step. OPSD never "
+                  "uses it. Rows without a reference answer are not graded."},
     )
     stage_timeout_s: float = field(
         default=3600.0,

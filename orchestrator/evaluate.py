@@ -26,7 +26,6 @@ from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir  # noqa:
 from opsd.configlib import to_dict, validate_all  # noqa: E402
 from opsd.lora import VLLM_LORA_RANKS, engine_lora_rank  # noqa: E402
 from opsd.model import ModelSpec  # noqa: E402
-from opsd.prompts import PromptConfig  # noqa: E402
 from orchestrator.placement import ClusterView, PlanRequest, PoolRequest, ResourcePlan, reserve  # noqa: E402
 from rollout.config import RolloutConfig  # noqa: E402
 from rollout.pool import RolloutPool  # noqa: E402
@@ -39,7 +38,6 @@ class EvalRun:
     model: ModelSpec
     out: Path
     adapter: Path | None = None
-    prompt: PromptConfig = field(default_factory=lambda: PromptConfig(enable_thinking=True))
     workers: int | None = None  # None: one per GPU (tensor_parallel_size GPUs each), or per 2 CPU cores
     tensor_parallel_size: int = 1
     max_model_len: int | None = None  # None: the model's own
@@ -59,7 +57,7 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
         raise FileExistsError(f"{out} already exists (pass --overwrite to replace it)")
     eval_sets = load_config_eval_sets(config)
     with Evaluator(config, run.model.load_tokenizer(), eval_sets) as evaluator:
-        evaluator.check_prompts(run.prompt, run.max_model_len or run.model.context_length())
+        evaluator.check_prompts(run.max_model_len or run.model.context_length())
         payload, lora_rank = checked_adapter(run)
         problems = sum(s.num_problems for s in evaluator.eval_sets)
         print_fn(f"opsd eval: {problems} problems x {config.n} samples from "
@@ -74,7 +72,7 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
             print_fn(f"opsd eval: {plan.describe()}")
             engines_started = time.perf_counter()
             with reserve(plan, timeout_s=run.start_timeout_s, log=print_fn) as reservation:
-                pool = RolloutPool(run.model, rollout, run.prompt, actor_options=reservation.stage_options("rollout"),
+                pool = RolloutPool(run.model, rollout, config.prompt(), actor_options=reservation.stage_options("rollout"),
                                    max_lora_rank=lora_rank,
                                    call_timeout_s=run.start_timeout_s, log=print_fn)
                 try:
@@ -90,7 +88,7 @@ def evaluate(config: EvalConfig, run: EvalRun, print_fn=print) -> tuple[EvalResu
         info: dict[str, Any] = {
             "model": run.model.path, "adapter": str(run.adapter) if run.adapter else None,
             "eval_set_files": {s.name: str(s.path) for s in evaluator.eval_sets},
-            "prompt": to_dict(run.prompt), "config": to_dict(config),
+            "prompt": to_dict(config.prompt()), "config": to_dict(config),
             "engines": {"workers": rollout.num_workers, "gpus_per_worker": rollout.gpus_per_worker,
                         "max_model_len": run.max_model_len},
         }

@@ -29,6 +29,7 @@ GAUGES: dict[str, str] = {
     "truncation_rate": "Fraction of responses cut at the token budget",
     "skipped_rows": "Rows left out of the step (over-long prompts or contexts)",
     "heldout_gjs": "Mean GJS per token on the held-out traces (when evaluated)",
+    "student_accuracy": "Fraction of the step's traces whose final answer matches the reference (not used by OPSD)",
 }
 STAGE_GAUGES: dict[str, str] = {
     "tokens_per_second": "Tokens per second of a stage",

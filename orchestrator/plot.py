@@ -1,7 +1,8 @@
 """``opsd plot RUN_DIR``: the run's curves from ``metrics.jsonl`` to one PNG.
 
-Three panels, by step: the distillation loss and GJS of the training batches (with the held-out GJS as points where
-it was evaluated), tokens per second of each stage, and the step time split by stage. Works on a run that is still
+Panels, by step: the distillation loss and GJS of the training batches (with the held-out GJS as points where it
+was evaluated), the student's accuracy on its training traces (when graded), tokens per second of each stage, and
+the step time split by stage. Works on a run that is still
 going (the file is appended and flushed per step) and on a finished one.
 """
 
@@ -55,7 +56,12 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     def series(key: str) -> list[float]:
         return [_number(r.get(key)) for r in records]
 
-    fig, (ax_loss, ax_tps, ax_time) = plt.subplots(3, 1, figsize=(8, 10), sharex=True)
+    accuracy = any(r.get("student_accuracy") is not None for r in records)
+    fig, axes = plt.subplots(3 + accuracy, 1, figsize=(8, 10 + 3 * accuracy), sharex=True)
+    ax_loss, ax_tps, ax_time = axes[0], axes[-2], axes[-1]
+    if accuracy:  # graded answers of the training traces (train.student_accuracy); OPSD does not train on it
+        axes[1].plot(steps, series("student_accuracy"), label="student accuracy (training traces)")
+        axes[1].set_ylabel("fraction correct")
     ax_loss.plot(steps, series("loss"), label="loss (batch)")
     ax_loss.plot(steps, series("gjs"), label="GJS (batch)", linestyle="--")
     held = [(r["step"], _number(r.get("heldout_gjs"))) for r in records if r.get("heldout_gjs") is not None]
@@ -73,7 +79,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     ax_tps.set_ylabel("tokens / s")
     ax_time.set_ylabel("seconds")
     ax_time.set_xlabel("step")
-    for ax in (ax_loss, ax_tps, ax_time):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

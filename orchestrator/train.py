@@ -16,6 +16,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import Future  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
@@ -29,6 +30,7 @@ from opsd.configlib import ConfigError  # noqa: E402
 from orchestrator.config import OPSDConfig, ineffective_keys, load_config, save_config  # noqa: E402
 from opsd.data import load_dataset  # noqa: E402
 from orchestrator.metrics import MetricsSink, read_metrics, run_throughput  # noqa: E402
+from orchestrator.accuracy import StudentAccuracy  # noqa: E402
 from orchestrator.placement import logical_cpus  # noqa: E402
 from orchestrator.sampler import Cursor, EpochSampler  # noqa: E402
 from orchestrator.stages import Stages  # noqa: E402
@@ -134,6 +136,7 @@ class StepResult:
     seconds: dict[str, float]
     sync_seconds: float
     next: InFlight | None  # the next step's batch, when it was launched before the update (max_staleness 1)
+    accuracy: Future | None = None  # the traces' graded answers (train.student_accuracy), computed meanwhile
 
 
 def launch(stages: Stages, sampler: EpochSampler) -> InFlight:
@@ -141,13 +144,16 @@ def launch(stages: Stages, sampler: EpochSampler) -> InFlight:
     return InFlight(stages.rollout.launch(sampler.next_batch()), cursor)
 
 
-def train_step(stages: Stages, in_flight: InFlight, prefetch: Callable[[], InFlight] | None) -> StepResult:
+def train_step(stages: Stages, in_flight: InFlight, prefetch: Callable[[], InFlight] | None,
+               accuracy: StudentAccuracy | None = None) -> StepResult:
     """One step: gather the rollouts in flight, score them, one learner update, the new adapter to every rollout
-    worker. ``prefetch`` (max_staleness 1) launches the next batch right after the rollouts, on the old adapter."""
+    worker. ``prefetch`` (max_staleness 1) launches the next batch right after the rollouts, on the old adapter;
+    ``accuracy`` grades the traces' answers in the background meanwhile."""
     started = time.perf_counter()
     rollouts = stages.rollout.collect(in_flight.batch)
     seconds = {"rollout": time.perf_counter() - started}
     following = prefetch() if prefetch is not None else None
+    graded = accuracy.submit(rollouts.summary) if accuracy is not None else None
     t0 = time.perf_counter()
     scored = stages.score(rollouts)
     seconds["teacher"] = time.perf_counter() - t0
@@ -158,7 +164,7 @@ def train_step(stages: Stages, in_flight: InFlight, prefetch: Callable[[], InFli
     adapter = stages.learner.export_adapter()
     if not learned.skipped:
         stages.rollout.load_adapter(adapter)
-    return StepResult(rollouts, scored, learned, adapter, seconds, time.perf_counter() - t0, following)
+    return StepResult(rollouts, scored, learned, adapter, seconds, time.perf_counter() - t0, following, graded)
 
 
 @dataclass
@@ -180,6 +186,7 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     print_fn(f"opsd: {data.description}; {total_steps} steps of {cfg.train.prompts_per_step} prompts; "
              f"loss {cfg.learner.loss.kind}; run dir {run_dir}")
     evaluator = evaluator_for(cfg)  # bad eval set files fail here, before Ray starts
+    accuracy = StudentAccuracy() if cfg.train.student_accuracy else None
     progress = Progress()
     with ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg)) as session:
         print_fn(f"opsd: Ray {session.where}" + (f"; dashboard {session.dashboard}" if session.dashboard else ""))
@@ -205,8 +212,10 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
             for step in range(first_step, total_steps):
                 after = AfterStep.of(step + 1, total_steps, cfg)
                 prefetch = (lambda: launch(stages, sampler)) if after.launch_next and cfg.train.max_staleness else None
-                result = train_step(stages, in_flight, prefetch)
+                result = train_step(stages, in_flight, prefetch, accuracy)
                 record = step_record(step, sampler, result, stages.learner.version, stages.replaced)
+                if result.accuracy is not None:
+                    record.update(result.accuracy.result(timeout=cfg.train.stage_timeout_s))
                 if after.eval_sets:
                     progress.eval_sets[step + 1] = run_eval_sets(evaluator, stages, step + 1, print_fn)
                     record.update(progress.eval_sets[step + 1])
@@ -222,6 +231,8 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                 sink.close()
             if evaluator is not None:
                 evaluator.close()
+            if accuracy is not None:
+                accuracy.close()
             stages.shutdown()
     finish(run_dir, total_steps, stages.learner.version, progress, print_fn)
     return run_dir
@@ -270,7 +281,7 @@ def evaluator_for(cfg: OPSDConfig):
 
     evaluator = Evaluator(cfg.eval, cfg.model.load_tokenizer())
     try:
-        evaluator.check_prompts(cfg.prompt, cfg.rollout.max_model_len or cfg.model.context_length())
+        evaluator.check_prompts(cfg.rollout.max_model_len or cfg.model.context_length())
     except BaseException:
         evaluator.close()
         raise
@@ -314,8 +325,10 @@ def step_record(step: int, sampler: EpochSampler, result: StepResult, adapter_ve
 
 
 def progress_line(r: dict, total_steps: int) -> str:
+    accuracy = r.get("student_accuracy")
     return (f"step {r['step']}/{total_steps} | loss {r['loss']:.5f} | gjs {r['gjs']:.5f} | "
-            f"tok/s rollout {r['tokens_per_second/rollout']:,.0f} teacher {r['tokens_per_second/teacher']:,.0f} "
+            + (f"acc {accuracy:.2f} | " if isinstance(accuracy, float) and accuracy == accuracy else "")
+            + f"tok/s rollout {r['tokens_per_second/rollout']:,.0f} teacher {r['tokens_per_second/teacher']:,.0f} "
             f"learner {r['tokens_per_second/learner']:,.0f} | {r['step_seconds']:.1f} s"
             + (f" | skipped: {r['skip_reason']}" if r["skipped"] else ""))
 

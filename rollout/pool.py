@@ -52,6 +52,7 @@ class RolloutBatch:
 
     shards: list[pa.Table]
     sampling: Sampling | None
+    prompts: PromptConfig | None
     tables: list[ray.ObjectRef]
     summaries: list[ray.ObjectRef]
 
@@ -98,10 +99,12 @@ class RolloutPool:
                                                       max_lora_rank=self.max_lora_rank)
 
     # -- sampling ----------------------------------------------------------------------------------------------
-    def launch(self, problems: pa.Table, sampling: Sampling | None = None) -> RolloutBatch:
-        batch = RolloutBatch(shard_rows(problems, len(self.actors)), sampling, [], [])
+    def launch(self, problems: pa.Table, sampling: Sampling | None = None,
+               prompts: PromptConfig | None = None) -> RolloutBatch:
+        """Start generating: the run's sampling and prompts, or a call's own (evaluation)."""
+        batch = RolloutBatch(shard_rows(problems, len(self.actors)), sampling, prompts, [], [])
         for actor, shard in zip(self.actors, batch.shards):
-            table, summary = actor.generate_shard.options(num_returns=2).remote(shard, sampling)
+            table, summary = actor.generate_shard.options(num_returns=2).remote(shard, sampling, prompts)
             batch.tables.append(table)
             batch.summaries.append(summary)
         return batch
@@ -112,7 +115,7 @@ class RolloutPool:
         def redo(i: int) -> ray.ObjectRef:
             self._replace(i)
             batch.tables[i], batch.summaries[i] = self.actors[i].generate_shard.options(num_returns=2).remote(
-                batch.shards[i], batch.sampling)
+                batch.shards[i], batch.sampling, batch.prompts)
             return batch.summaries[i]
 
         summaries = gather_shards(batch.summaries, redo, timeout_s=timeout_s or self.call_timeout_s,
@@ -120,10 +123,10 @@ class RolloutPool:
         return Rollouts(TableRefs(tuple(batch.tables), tuple(s.rows for s in summaries)),
                         RolloutSummary.merge(summaries))
 
-    def generate(self, problems: pa.Table, sampling: Sampling | None = None,
+    def generate(self, problems: pa.Table, sampling: Sampling | None = None, prompts: PromptConfig | None = None,
                  timeout_s: float | None = None) -> pa.Table:
         """Launch, collect and fetch: the whole rollout table here, with the combined statistics (evaluation)."""
-        rollouts = self.collect(self.launch(problems, sampling), timeout_s)
+        rollouts = self.collect(self.launch(problems, sampling, prompts), timeout_s)
         return with_rollout_stats(concat_tables(get(list(rollouts.tables.refs), self.call_timeout_s)),
                                   rollouts.summary.stats)
 

@@ -44,22 +44,27 @@ class RolloutSummary:
     policy_versions: tuple[int, ...]
     response_lengths: tuple[int, ...]
     stats: RolloutStats
+    final_answers: tuple[str | None, ...] = ()  # each trace's last \boxed{} (or '#### ') answer, None without one
+    references: tuple[str | None, ...] = ()  # each row's reference answer (the data's answer column), if any
 
     @property
     def rows(self) -> int:
         return len(self.sample_ids)
 
     @classmethod
-    def of(cls, table: pa.Table) -> RolloutSummary:
+    def of(cls, table: pa.Table, final_answers: Sequence[str | None] = ()) -> RolloutSummary:
         import pyarrow.compute as pc
 
+        references = table.column("answer").to_pylist() if "answer" in table.column_names else [None] * len(table)
         return cls(tuple(table.column("sample_id").to_pylist()), tuple(table.column("policy_version").to_pylist()),
-                   tuple(pc.list_value_length(table.column("response_ids")).to_pylist()), rollout_stats(table))
+                   tuple(pc.list_value_length(table.column("response_ids")).to_pylist()), rollout_stats(table),
+                   tuple(final_answers), tuple(references))
 
     @classmethod
     def merge(cls, parts: Sequence[RolloutSummary]) -> RolloutSummary:
         return cls(tuple(i for p in parts for i in p.sample_ids), tuple(v for p in parts for v in p.policy_versions),
-                   tuple(n for p in parts for n in p.response_lengths), RolloutStats.merge([p.stats for p in parts]))
+                   tuple(n for p in parts for n in p.response_lengths), RolloutStats.merge([p.stats for p in parts]),
+                   tuple(a for p in parts for a in p.final_answers), tuple(r for p in parts for r in p.references))
 
 
 # -- the table ---------------------------------------------------------------------------------------------------

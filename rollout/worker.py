@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 
 from opsd.adapter import AdapterError, AdapterPayload, read_adapter_dir
+from opsd.answers import extract_answer
 from opsd.errors import UserInputError
 from opsd.hf import tokenizer_fingerprint
 from opsd.lora import VLLM_LORA_RANKS
@@ -189,7 +190,14 @@ class RolloutWorker:
         self._cleanup()
 
     # -- rollouts ------------------------------------------------------------------------------------------------
-    def generate(self, problems: pa.Table, sampling: Sampling | None = None) -> pa.Table:
+    def _builder(self, prompts: PromptConfig | None) -> PromptBuilder:
+        """The run's prompt builder, or one for a call's own prompts (evaluation uses its own)."""
+        if prompts is None or prompts == self.prompts.config:
+            return self.prompts
+        return PromptBuilder(self.tokenizer, prompts)
+
+    def generate(self, problems: pa.Table, sampling: Sampling | None = None,
+                 prompts: PromptConfig | None = None) -> pa.Table:
         """Sample ``n`` traces for each problem row (docs/ARCHITECTURE.md, "The step table" and "Rollout engines")."""
         started = time.perf_counter()
         if self._broken is not None:
@@ -200,7 +208,8 @@ class RolloutWorker:
         sampling.validate(self.max_model_len)
         prompt_ids_by_row = problems.column("sample_id").to_pylist()
         _check_unique(prompt_ids_by_row, "problem")
-        prompts = [self.prompts.student_prompt_ids(p) for p in problems.column("problem").to_pylist()]
+        builder = self._builder(prompts)
+        prompts = [builder.student_prompt_ids(p) for p in problems.column("problem").to_pylist()]
 
         max_prompt = self.max_model_len - sampling.max_tokens
         too_long = [i for i, p in enumerate(prompts) if len(p) > max_prompt]
@@ -231,11 +240,13 @@ class RolloutWorker:
         )
         return with_rollout_stats(with_metadata(table, self.metadata), stats)
 
-    def generate_shard(self, problems: pa.Table, sampling: Sampling | None = None) -> tuple[pa.Table, RolloutSummary]:
+    def generate_shard(self, problems: pa.Table, sampling: Sampling | None = None,
+                       prompts: PromptConfig | None = None) -> tuple[pa.Table, RolloutSummary]:
         """``generate``, and what the driver needs to know of the table without fetching it (a pool calls this
         with two return values: the table stays in the object store, on its way to the next stage)."""
-        table = self.generate(problems, sampling)
-        return table, RolloutSummary.of(table)
+        table = self.generate(problems, sampling, prompts)
+        responses = self.tokenizer.batch_decode(table.column("response_ids").to_pylist(), skip_special_tokens=True)
+        return table, RolloutSummary.of(table, [extract_answer(text) for text in responses])
 
     def _sample(self, prompts: list[list[int]], ids: list[str], sampling: Sampling) -> list[Trace]:
         if not prompts:

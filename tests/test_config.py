@@ -72,19 +72,16 @@ def test_default_factories_do_not_share_lists():
     assert "lm_head" not in b.target_modules
 
 
-def test_recipe_has_the_paper_script_values():
+def test_recipe_loads_with_every_value_typed():
     cfg = load_config(RECIPE)
     assert cfg.model.path == "Qwen/Qwen3-1.7B"
     assert (cfg.learner.lora.rank, cfg.learner.lora.alpha) == (64, 128)
     assert cfg.learner.lora.target_modules == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
     ]
-    assert cfg.learner.optim.lr == pytest.approx(2e-4) and isinstance(cfg.learner.optim.lr, float)
-    assert (cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k) == (1.1, 0.95, 20)
+    assert isinstance(cfg.learner.optim.lr, float) and isinstance(cfg.learner.loss.clip, float)
     assert cfg.learner.loss.temperature == cfg.rollout.temperature == 1.1
-    assert (cfg.learner.loss.kind, cfg.learner.loss.beta) == ("full", 0.5)
-    assert (cfg.rollout.max_response_tokens, cfg.rollout.n) == (2048, 1)
-    assert cfg.data.mapping == "openthoughts" and cfg.data.path
+    assert cfg.data.mapping == "opsd-math30k" and cfg.data.path == "siyanzhao/Openthoughts_math_30k_opsd"
 
 
 # -- YAML and overrides ---------------------------------------------------------------------------------------
@@ -450,3 +447,40 @@ def test_clip_needs_its_mode_and_a_mode_needs_its_clip():
     assert err.key == "learner.loss.clip" and "must be > 0 with clip_mode 'pointwise'" in str(err)
     cfg = load_config(None, DATA + ["learner.loss.clip_mode=pointwise", "learner.loss.clip=0.05"])
     assert (cfg.learner.loss.clip_mode, cfg.learner.loss.clip) == ("pointwise", 0.05)
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "recipes").glob(
+    "opsd-qwen3-*.yaml")))
+def test_every_gpu_recipe_fills_one_8_gpu_node_and_says_where_each_value_comes_from(recipe):
+    from orchestrator.placement import ClusterView, ResourcePlan, fit_problems
+    from orchestrator.plan import cluster_of, describe_run
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / recipe
+    cfg = load_config(path)
+    node = cluster_of(1, 8, 96)
+    plan = ResourcePlan.from_config(cfg, node)
+    assert plan.totals()["GPU"] == 8 and fit_problems(plan, node) == []
+    assert fit_problems(plan, cluster_of(1, 7, 96))  # and not less than the node
+    assert "the plan fits" in describe_run(cfg, node)
+    header = path.read_text().split("\n\n")[0]
+    # Every key the recipe sets is named in its header, with where the value comes from.
+    for section, values in yaml.safe_load(path.read_text()).items():
+        for key in values:
+            assert f"{section}.{key}" in header or f"{section}." in header and key in header or section in header, \
+                (recipe, section, key)
+    assert cfg.train.steps and cfg.train.checkpoint_every and cfg.eval.every
+
+
+def test_the_current_recipe_is_the_authors_script_and_the_paper_recipe_the_paper():
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    now = load_config(recipes / "opsd-qwen3-1.7b.yaml")
+    assert (now.learner.loss.beta, now.learner.loss.clip_mode, now.learner.loss.clip) == (0.0, "pointwise", 0.05)
+    assert (now.learner.optim.lr, now.learner.optim.grad_clip, now.rollout.max_response_tokens) == (5e-6, 0.1, 1024)
+    assert (now.rollout.temperature, now.rollout.top_p, now.rollout.top_k) == (1.1, 0.95, 20)
+    assert now.learner.loss.temperature == 1.1 and now.prompt.student == (now.prompt.student[0], False)
+    assert now.prompt.teacher[1] is True and now.train.steps == 200 and now.train.prompts_per_step == 32
+    paper = load_config(recipes / "opsd-qwen3-1.7b-paper.yaml")
+    assert (paper.learner.loss.beta, paper.learner.loss.clip_mode, paper.learner.optim.lr) == (0.5, "none", 1e-5)
+    assert (paper.learner.optim.schedule, paper.rollout.max_response_tokens, paper.prompt.preset) == \
+        ("cosine", 2048, "opsd-paper")
+    assert load_config(recipes / "opsd-qwen3-8b.yaml").learner.loss.clip == 0.06

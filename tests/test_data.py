@@ -350,3 +350,94 @@ def test_eval_sets(name, rows):
     table, report = load_problems(REPO / "data" / "eval" / f"{name}.jsonl", **EVAL)
     assert table.num_rows == report.rows_kept == rows
     assert table.column("answer").null_count == 0
+
+
+# -- Hugging Face datasets (from the local cache: no hub is reachable from tests) -------------------------------
+def fake_hub_dataset(cache: Path, dataset_id: str, files: dict[str, list[dict]]) -> Path:
+    """A dataset as the Hub cache holds it after one download: refs/main -> snapshots/<commit>/<files>."""
+    import pyarrow.parquet as pq
+
+    folder = cache / f"datasets--{dataset_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    for name, rows in files.items():
+        path = folder / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return folder / "snapshots" / commit
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def hub_section(path: str, **kw):
+    from types import SimpleNamespace
+
+    values = dict(path=path, mapping="opsd-math30k", columns={}, format="auto", on_bad_row="error", limit=None,
+                  split="train", revision=None)
+    values.update(kw)
+    return SimpleNamespace(**values)
+
+
+def test_a_hugging_face_dataset_loads_from_the_cache_with_the_same_checks(hub_cache):
+    from opsd.data import load_dataset
+
+    rows = [{"problem": f"p{i}", "solution": f"so {i} \\boxed{{{i}}}"} for i in range(5)]
+    fake_hub_dataset(hub_cache, "siyanzhao/Openthoughts_math_30k_opsd", {
+        "data/train-00000-of-00002.parquet": rows[:3], "data/train-00001-of-00002.parquet": rows[3:],
+        "data/test-00000-of-00001.parquet": [{"problem": "t", "solution": "no box"}]})
+    for path in ("siyanzhao/Openthoughts_math_30k_opsd", "hf://siyanzhao/Openthoughts_math_30k_opsd"):
+        table, report = load_dataset(hub_section(path))
+        assert table.column("problem").to_pylist() == [r["problem"] for r in rows]
+        assert table.column("answer").to_pylist() == ["0", "1", "2", "3", "4"]  # the solution's last \boxed{}
+        assert report.rows_kept == 5 and report.path.startswith("hf://siyanzhao/Openthoughts_math_30k_opsd (train")
+    table, _ = load_dataset(hub_section("siyanzhao/Openthoughts_math_30k_opsd", split="test"))
+    assert table.column("answer").to_pylist() == [None]  # no box: no answer (not needed to train)
+    assert load_dataset(hub_section("siyanzhao/Openthoughts_math_30k_opsd", limit=4))[0].num_rows == 4
+
+
+def test_hugging_face_dataset_errors_name_the_dataset_the_split_and_the_row(hub_cache):
+    from opsd.data import DataError, load_dataset
+
+    with pytest.raises(DataError, match=r"dataset 'someone/missing': cannot load it from the Hugging Face Hub.*"
+                                        r"offline.*local cache"):
+        load_dataset(hub_section("someone/missing"))
+    fake_hub_dataset(hub_cache, "owner/bad", {"train.parquet": [{"problem": "p", "solution": "s"},
+                                                               {"problem": "", "solution": "s"}]})
+    with pytest.raises(DataError, match=r"train\.parquet.*row 1.*field 'problem'"):
+        load_dataset(hub_section("owner/bad"))
+    with pytest.raises(DataError, match=r"dataset 'owner/bad': no 'validation' split \(found: train\)"):
+        load_dataset(hub_section("owner/bad", split="validation"))
+
+
+def test_local_paths_are_never_taken_for_dataset_ids(tmp_path):
+    from opsd.data import hub_dataset_id
+
+    (tmp_path / "owner").mkdir()
+    (tmp_path / "owner" / "name").write_text("")
+    assert hub_dataset_id("owner/name") == "owner/name"
+    assert hub_dataset_id(str(tmp_path / "owner" / "name")) is None
+    assert hub_dataset_id("data/train.jsonl") is None and hub_dataset_id("hf://a/b") == "a/b"
+
+
+def test_opsd_data_convert_writes_the_projects_columns(hub_cache, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from opsd.data import load_problems
+    from orchestrator.cli import main
+
+    fake_hub_dataset(hub_cache, "owner/math", {"train.parquet": [{"problem": "1+1?", "solution": "\\boxed{2}"}]})
+    out = tmp_path / "math.parquet"
+    assert main(["data", "convert", "owner/math", "--mapping", "opsd-math30k", "--out", str(out)]) == 0
+    assert pq.read_table(out).column_names == ["id", "problem", "solution", "answer"]
+    table, _ = load_problems(out, "opsd")
+    assert table.to_pylist() == [{"id": "train-0", "problem": "1+1?", "solution": "\\boxed{2}", "answer": "2"}]
+    assert main(["data", "check", "owner/math", "--mapping", "opsd-math30k"]) == 0
+    assert "hf://owner/math (train): read 1 rows, kept 1" in capsys.readouterr().out

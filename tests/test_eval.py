@@ -19,7 +19,7 @@ from orchestrator.cli import main
 from opsd.data import DataError
 from evaluation.sets import BUILTIN, load_eval_sets, parse_columns, resolve_eval_set
 from evaluation.config import EvalConfig
-from evaluation.extract import extract_answer, extract_boxed, extract_gsm8k, vote_key
+from opsd.answers import extract_answer, extract_boxed, extract_gsm8k, vote_key
 from evaluation.grading import Grader
 from evaluation.scores import (
     ProblemScore,
@@ -430,7 +430,7 @@ def test_cli_refuses_settings_that_cannot_run(tmp_path, tiny_model_dir, capsys):
     assert_refused(capsys, eval_cli(tiny_model_dir, tmp_path / "o", "--max-tokens", "9000"),
                    "max_tokens", "8192")
     assert_refused(capsys, eval_cli(tiny_model_dir, tmp_path / "o", "--max-model-len", "64"),
-                   "student prompt(s) too long", "'gsm8k:test-0' (89 tokens)", "max_model_len")
+                   "evaluation prompt(s) too long", "'gsm8k:test-0' (88 tokens)", "max_model_len")
     assert_refused(capsys, eval_cli(tiny_model_dir, tmp_path / "o", "--n", "0"), "n: must be >= 1, got 0")
     assert_refused(capsys, eval_cli(tiny_model_dir, tmp_path / "o", "--pass-k", "1,x"), "--pass-k")
     (tmp_path / "exists").mkdir()

@@ -10,10 +10,12 @@ from orchestrator.plot import MetricsFileError, plot_run
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(run_dir, steps: int) -> None:
+def write_run(run_dir, steps: int, accuracy: bool = False) -> None:
     sink = MetricsSink(run_dir, export_to_ray=False)
     for step in range(1, steps + 1):
         record = {"step": step, "loss": 1.0 / step, "gjs": 1.1 / step, "step_seconds": 2.0}
+        if accuracy:
+            record["student_accuracy"] = step / (steps + 1)
         if step % 2 == 0:
             record["heldout_gjs"] = 1.2 / step
         for stage, rate in (("rollout", 100.0), ("teacher", 500.0), ("learner", 300.0)):
@@ -70,3 +72,12 @@ def test_plot_names_the_file_and_line_of_bad_metrics(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"loss": 0.1}\n')
     with pytest.raises(MetricsFileError, match=r"line 1: field 'step'"):
         plot_run(tmp_path)
+
+
+def test_plot_adds_a_panel_for_the_students_accuracy_when_graded(tmp_path):
+    import matplotlib.image
+
+    write_run(tmp_path / "without", steps=4)
+    write_run(tmp_path / "with", steps=4, accuracy=True)
+    tall = matplotlib.image.imread(plot_run(tmp_path / "with")).shape[0]
+    assert tall > matplotlib.image.imread(plot_run(tmp_path / "without")).shape[0]

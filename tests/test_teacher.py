@@ -133,16 +133,18 @@ def test_teacher_context_is_the_documented_template_then_the_trace(builder, qwen
     plan = build_contexts(builder, [problem], [solution], [response], 10_000, "truncate_solution")
     (context,) = plan.contexts
     assert context.input_ids[context.response_start:] == response
+    # The official code's current teacher turn (tests/test_prompts.py spells it out), in thinking mode.
     assert qwen3_tokenizer.decode(context.input_ids[: context.response_start]) == (
         "<|im_start|>user\n"
         f"Problem: {problem}\n\n"
         "Here is a reference solution to this problem:\n"
-        f"{solution}\n\n"
-        "After understanding the reference solution and the rationale behind each step, now articulate your own "
-        "step-by-step reasoning that derives the same final answer to the problem below:\n\n"
-        f"Problem: {problem}\n\n"
+        f"=== Reference Solution Begin ===\n{solution}\n=== Reference Solution End ===\n\n\n"
+        "After reading the reference solution above, make sure you truly understand the reasoning behind each step "
+        "\u2014 do not copy or paraphrase it. Now, using your own words and independent reasoning, derive the same final "
+        "answer to the problem above. Think step by step, explore different approaches, and don't be afraid to backtrack "
+        "or reconsider if something doesn't work out:\n\n"
         "Please reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n"
-        "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+        "<|im_start|>assistant\n"
     )
 
 

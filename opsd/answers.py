@@ -1,4 +1,4 @@
-"""The final answer of a response: the last ``\\boxed{...}``, else the text after GSM8K's last ``####``.
+"""The final answer of a response or a solution: the last ``\\boxed{...}``, else the text after GSM8K's last ``####``.
 
 The student prompt asks for the final answer "within \\boxed{}", so a response's answer is its last *complete*,
 non-empty box:
