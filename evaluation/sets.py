@@ -41,6 +41,7 @@ class EvalSetSpec:
     mapping: str = "eval"
     columns: Mapping[str, str] = field(default_factory=dict)  # per-field source column overrides
     description: str = ""
+    source: str = ""  # for a built-in set that is not shipped: where to get it (its file is given once)
 
 
 BUILTIN: dict[str, EvalSetSpec] = {
@@ -51,8 +52,14 @@ BUILTIN: dict[str, EvalSetSpec] = {
         EvalSetSpec("hmmt25", DATA_DIR / "eval" / "hmmt25.jsonl", "eval", {}, "HMMT February 2025"),
         EvalSetSpec("math500", DATA_DIR / "eval" / "math500.jsonl", "eval", {}, "MATH-500 (MATH test subset)"),
         EvalSetSpec("gsm8k", DATA_DIR / "gsm8k" / "test.jsonl", "gsm8k", {}, "GSM8K test set"),
+        # Not shipped: evaluated by the paper, its file is given once (placed at this path, or as amobench=PATH).
+        EvalSetSpec("amobench", DATA_DIR / "eval" / "amobench.jsonl", "eval",
+                    {"problem": "prompt", "id": "question_id"}, "AMO-Bench",
+                    source="the Hugging Face dataset meituan-longcat/AMO-Bench, test split (columns prompt, answer, "
+                           "question_id)"),
     )
 }
+SHIPPED = tuple(name for name, spec in BUILTIN.items() if not spec.source)
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,11 @@ def resolve_eval_set(entry: str, mapping: str = "eval", columns: Mapping[str, st
         return BUILTIN[entry]
     name, _, path_text = entry.rpartition("=")
     path = Path(path_text).expanduser()
+    known = BUILTIN.get(name)
+    if known is not None and known.source:  # a built-in set that is not shipped, given by its file: its columns
+        if not path.is_file():
+            raise DataError(f"eval set {name!r}: {path}: file not found")
+        return EvalSetSpec(name, path, known.mapping, dict(known.columns), known.description, known.source)
     if not name:
         name = path.name.split(".")[0]
     looks_like_path = "=" in entry or "/" in entry or "." in entry or path.exists()
@@ -95,6 +107,10 @@ def resolve_eval_set(entry: str, mapping: str = "eval", columns: Mapping[str, st
 def load_eval_set(spec: EvalSetSpec, limit: int | None = None) -> EvalSet:
     """Load and validate an eval set (the first ``limit`` problems); every row needs a problem and an answer."""
     if not spec.path.is_file():
+        if spec.source:
+            raise DataError(f"eval set {spec.name!r} ({spec.description}) does not ship with opsd: get "
+                            f"{spec.source}, save it as {spec.path.relative_to(REPO_ROOT)} or pass it as "
+                            f"{spec.name}=PATH")
         raise DataError(
             f"eval set {spec.name!r}: {spec.path} not found. Built-in eval set files ship in the repository's "
             "data/ directory (an installed, non-editable package does not have them): pass the file as NAME=PATH"

@@ -17,7 +17,7 @@ import pytest
 
 from orchestrator.cli import main
 from opsd.data import DataError
-from evaluation.sets import BUILTIN, load_eval_sets, parse_columns, resolve_eval_set
+from evaluation.sets import BUILTIN, SHIPPED, load_eval_sets, parse_columns, resolve_eval_set
 from evaluation.config import EvalConfig
 from opsd.answers import extract_answer, extract_boxed, extract_gsm8k, vote_key
 from evaluation.grading import Grader
@@ -239,20 +239,20 @@ def test_score_eval_set_and_paired_difference():
 # -- eval sets -----------------------------------------------------------------------------------------------------
 def test_builtin_eval_sets_ship_with_the_repo_and_load_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    eval_sets = load_eval_sets(list(BUILTIN))
+    eval_sets = load_eval_sets(list(SHIPPED))
     assert {s.name: s.num_problems for s in eval_sets} == {
         "aime24": 30, "aime25": 30, "hmmt25": 30, "math500": 500, "gsm8k": 1319}
     gsm8k = eval_sets[-1].table.slice(0, 1).to_pylist()[0]
     assert gsm8k["answer"] == "18" and gsm8k["problem"].startswith("Janet")
     readme = (REPO_ROOT / "data" / "eval" / "README.md").read_text()
-    for name, spec in BUILTIN.items():
+    for name, spec in ((n, BUILTIN[n]) for n in SHIPPED):
         assert spec.path.is_relative_to(REPO_ROOT / "data") and spec.path.name in readme and name in readme
     # the shipped files are the public sets verbatim: their SHA-256 are the ones the README records
     import hashlib
     import re
 
     recorded = dict((path, digest) for digest, path in re.findall(r"^([0-9a-f]{64})  (\S+)$", readme, re.M))
-    for spec in BUILTIN.values():
+    for spec in (BUILTIN[n] for n in SHIPPED):
         relative = spec.path.relative_to(REPO_ROOT).as_posix()
         assert hashlib.sha256(spec.path.read_bytes()).hexdigest() == recorded[relative], relative
 
@@ -436,3 +436,16 @@ def test_cli_refuses_settings_that_cannot_run(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "exists").mkdir()
     assert_refused(capsys, eval_cli(tiny_model_dir, tmp_path / "exists"), "already exists", "--overwrite")
     assert_refused(capsys, ["eval"], "needs --model")
+
+
+def test_amobench_is_known_by_name_once_its_file_is_given(tmp_path):
+    from opsd.data import DataError
+
+    with pytest.raises(DataError, match=r"'amobench' \(AMO-Bench\) does not ship with opsd: get the Hugging Face "
+                                        r"dataset meituan-longcat/AMO-Bench.*data/eval/amobench.jsonl.*amobench=PATH"):
+        load_eval_sets(["amobench"])
+    path = tmp_path / "amo.jsonl"
+    path.write_text('{"question_id": 7, "prompt": "Find x.", "answer": "3"}\n')
+    (amo,) = load_eval_sets([f"amobench={path}"])  # its own columns, whatever --mapping says
+    assert amo.name == "amobench" and amo.table.to_pylist() == [
+        {"id": "7", "problem": "Find x.", "solution": None, "answer": "3"}]
