@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
@@ -42,6 +43,12 @@ class MetricsScraper(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.seen, self.stop = url, set(), threading.Event()
 
+    def wait_for(self, name: str, timeout_s: float) -> None:
+        """Block (the run's progress line calls this) until ``name`` was seen at the endpoint, or ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while name not in self.seen and time.monotonic() < deadline:
+            time.sleep(0.2)
+
     def run(self) -> None:
         while not self.stop.wait(1.0):
             try:
@@ -74,9 +81,15 @@ def first_run(tiny_model_dir, tmp_path_factory) -> Run:
     with local_ray(num_cpus=4):
         scraper = MetricsScraper(f"http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics")
         scraper.start()
+
+        def print_fn(line: str) -> None:
+            lines.append(line)
+            if line.startswith("step 2/"):  # recorded with the step-2 evaluation: the run waits for the scraper
+                scraper.wait_for("ray_opsd_eval", timeout_s=20)
+
         try:
             train(tiny_config(tiny_model_dir, run_dir, "eval.every=2", "eval.sets=[gsm8k]", "eval.limit=2",
-                              "eval.n=2", "eval.max_tokens=8", "eval.grade_processes=1"), print_fn=lines.append)
+                              "eval.n=2", "eval.max_tokens=8", "eval.grade_processes=1"), print_fn=print_fn)
         finally:
             scraper.stop.set()
             scraper.join(timeout=10)
