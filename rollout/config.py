@@ -58,9 +58,10 @@ class RolloutConfig:
             "same trace whatever worker, batch or shard it lands in (and when it is re-dispatched)."
         },
     )
-    enforce_eager: bool = field(
-        default=True,
-        metadata={"doc": "Run vLLM without CUDA graphs / compilation: faster start, slower decoding on GPU."},
+    enforce_eager: bool | None = field(
+        default=None,
+        metadata={"doc": "Run vLLM without CUDA graphs / compilation (faster start, slower decoding on GPU). None: "
+                  "eager on CPU (compiling gave no speed-up there), CUDA graphs on GPU."},
     )
     max_model_len: int | None = field(
         default=None,

@@ -45,7 +45,7 @@ def engine_launch(model: ModelSpec, config: RolloutConfig, *, on_cpu: bool, lora
         dtype=model.engine_dtype(on_cpu),
         seed=config.seed,
         max_model_len=config.max_model_len,
-        enforce_eager=config.enforce_eager,
+        enforce_eager=config.enforce_eager if config.enforce_eager is not None else on_cpu,
         # Log-probs of the sampled token as sampled: after temperature, top-k and top-p (see rollout.worker).
         logprobs_mode="processed_logprobs",
     )

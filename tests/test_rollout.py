@@ -210,6 +210,9 @@ def test_engine_launch_on_gpu_uses_config_and_sets_no_environment():
     launch = engine_launch(ModelSpec("m", dtype="auto"), config, on_cpu=False, lora_layers=["q_proj"])
     assert launch.kwargs["tensor_parallel_size"] == 2 and launch.kwargs["gpu_memory_utilization"] == 0.5
     assert launch.kwargs["dtype"] == "bfloat16"
+    assert launch.kwargs["enforce_eager"] is False  # CUDA graphs on GPU unless asked otherwise
+    assert engine_launch(ModelSpec("m"), replace(config, enforce_eager=True), on_cpu=False,
+                         lora_layers=None).kwargs["enforce_eager"] is True
     assert "kv_cache_memory_bytes" not in launch.kwargs and "distributed_executor_backend" not in launch.kwargs
     assert launch.env == {} and launch.cpu_cores is None
 
