@@ -113,6 +113,16 @@ class TrainConfig:
                              "before and after."}
     )
     checkpoint_every: int = field(default=0, metadata={"doc": "Write a checkpoint every N steps. 0: off."})
+    keep_checkpoints: int | None = field(
+        default=None,
+        metadata={"doc": "Keep only the newest N checkpoints (>= 1; older ones are deleted after each save). None: "
+                  "keep all."},
+    )
+    keep_best_checkpoint: bool = field(
+        default=False,
+        metadata={"doc": "With keep_checkpoints: also keep the checkpoint with the lowest held-out GJS (measured at "
+                  "its step; needs heldout_rows and heldout_every matching checkpoint_every)."},
+    )
     seed: int = field(default=0, metadata={"doc": "Seed of the per-epoch shuffle of the data, the learner's LoRA "
                                             "initialisation, and everything not seeded elsewhere."})
     run_dir: str = field(
@@ -147,6 +157,8 @@ class TrainConfig:
         check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
         check(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         check(self.max_staleness in (0, 1), "max_staleness", f"must be 0 or 1, got {self.max_staleness}")
+        check(self.keep_checkpoints is None or self.keep_checkpoints >= 1, "keep_checkpoints",
+              f"must be >= 1 or null, got {self.keep_checkpoints}")
         check(self.heldout_every >= 0, "heldout_every", f"must be >= 0 (0 is off), got {self.heldout_every}")
         check(self.heldout_rows >= 0, "heldout_rows", f"must be >= 0 (0 is off), got {self.heldout_rows}")
         check(self.stage_timeout_s > 0, "stage_timeout_s", f"must be > 0, got {self.stage_timeout_s}")

@@ -30,6 +30,7 @@ from opsd.configlib import ConfigError  # noqa: E402
 from orchestrator.config import OPSDConfig, ineffective_keys, load_config, save_config  # noqa: E402
 from opsd.data import load_dataset  # noqa: E402
 from orchestrator.metrics import MetricsSink, read_metrics, run_throughput  # noqa: E402
+from orchestrator import checkpoints  # noqa: E402
 from orchestrator.accuracy import StudentAccuracy  # noqa: E402
 from orchestrator.placement import logical_cpus  # noqa: E402
 from orchestrator.sampler import Cursor, EpochSampler  # noqa: E402
@@ -79,10 +80,10 @@ def find_resume_point(cfg: OPSDConfig, total_steps: int) -> ResumePoint | None:
     if resume is None:
         return None
     if resume == "latest":
-        candidates = [p for p in (Path(cfg.train.run_dir) / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
-        if not candidates:
+        steps = checkpoints.checkpoint_steps(cfg.train.run_dir)
+        if not steps:
             raise ConfigError("train.resume", f"'latest': no checkpoint in {Path(cfg.train.run_dir) / 'checkpoints'}")
-        checkpoint = max(candidates, key=lambda p: int(p.name[5:]))
+        checkpoint = checkpoints.checkpoint_dir(cfg.train.run_dir, steps[-1])
     else:
         checkpoint = Path(resume)
     try:
@@ -225,7 +226,8 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                     progress.heldout_gjs[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(heldout)
                 sink.record(record)
                 print_fn(progress_line(record, total_steps))
-                save_outputs(stages, run_dir, step + 1, after, result.adapter, sampler, in_flight, progress)
+                save_outputs(stages, run_dir, step + 1, after, result.adapter, sampler, in_flight, progress,
+                             cfg.train.keep_checkpoints, cfg.train.keep_best_checkpoint)
         finally:
             if sink is not None:
                 sink.close()
@@ -250,14 +252,16 @@ def restore(stages: Stages, sampler: EpochSampler, resume: ResumePoint, progress
 
 
 def save_outputs(stages: Stages, run_dir: Path, done: int, after: AfterStep, adapter: AdapterPayload,
-                 sampler: EpochSampler, in_flight: InFlight | None, progress: Progress) -> None:
-    """The adapter directory and the checkpoint due after step ``done``."""
+                 sampler: EpochSampler, in_flight: InFlight | None, progress: Progress,
+                 keep_last: int | None = None, keep_best: bool = False) -> None:
+    """The adapter directory and the checkpoint due after step ``done`` (older checkpoints pruned as configured)."""
     if after.adapter:
         write_adapter_dir(adapter, run_dir / "adapters" / f"v{adapter.version}")
     if after.checkpoint:
         cursor = in_flight.cursor if in_flight is not None else sampler.cursor
-        stages.learner.save_checkpoint(run_dir / "checkpoints" / f"step-{done}",
+        stages.learner.save_checkpoint(checkpoints.checkpoint_dir(run_dir, done),
                                        {"cursor": cursor.__dict__, "heldout_gjs": progress.heldout_gjs})
+        checkpoints.prune(run_dir, keep_last, progress.heldout_gjs if keep_best else None)
 
 
 def finish(run_dir: Path, total_steps: int, version: int, progress: Progress, print_fn) -> None:
