@@ -15,7 +15,8 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserInputError(f"cannot load a tokenizer from {path!r}: {exc}") from exc
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserInputError(f"cannot load a tokenizer from {path!r}: {detail}") from None
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -59,6 +59,18 @@ class ModelSpec:
 
         return AutoConfig.from_pretrained(self.path, revision=self.revision, trust_remote_code=self.trust_remote_code)
 
+    def check(self) -> None:
+        """Load the model's config and tokenizer (small files): a path, id or revision that cannot be used fails here,
+        in one line naming it, before any actor starts."""
+        from opsd.errors import UserInputError
+
+        try:
+            self.load_config()
+        except (OSError, ValueError) as exc:
+            raise UserInputError(f"model.path {self.path!r}: cannot load a model config: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        self.load_tokenizer()  # raises UserInputError naming the tokenizer path
+
     def context_length(self) -> int | None:
         """The model's longest sequence (``max_position_embeddings``): what vLLM uses when max_model_len is unset."""
         from opsd.errors import UserInputError

@@ -179,6 +179,7 @@ class Progress:
 def train(cfg: OPSDConfig, print_fn=print) -> Path:
     """Run the whole training job; returns the run directory."""
     run_dir = Path(cfg.train.run_dir)
+    cfg.model.check()  # a model or tokenizer that cannot load fails here, before the data and any actor
     data = prepare_data(cfg)
     resume = find_resume_point(cfg, data.total_steps)
     run_dir.mkdir(parents=True, exist_ok=True)
