@@ -70,6 +70,14 @@ class ModelSpec:
             raise UserInputError(f"model.path {self.path!r}: cannot load a model config: "
                                  f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         self.load_tokenizer()  # raises UserInputError naming the tokenizer path
+        from pathlib import Path
+
+        local = Path(self.path)
+        if local.is_dir() and not any(local.glob("*.safetensors")):
+            pickles = sorted(p.name for p in local.glob("*.bin")) + sorted(p.name for p in local.glob("*.pt"))
+            raise UserInputError(f"model.path {self.path!r} has no safetensors weights"
+                                 + (f" (only {', '.join(pickles[:3])}: pickle files are never loaded)" if pickles
+                                    else "") + "; convert them with transformers' save_pretrained")
 
     def context_length(self) -> int | None:
         """The model's longest sequence (``max_position_embeddings``): what vLLM uses when max_model_len is unset."""
