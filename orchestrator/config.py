@@ -118,6 +118,12 @@ class TrainConfig:
         metadata={"doc": "Keep only the newest N checkpoints (>= 1; older ones are deleted after each save). None: "
                   "keep all."},
     )
+    checkpoint_failure: Literal["stop", "warn"] = field(
+        default="stop",
+        metadata={"doc": "A checkpoint or adapter directory that cannot be written (a full disk): 'stop' ends the run "
+                  "with the path and the space needed; 'warn' reports it and trains on. The previous checkpoints "
+                  "stay intact either way."},
+    )
     keep_best_checkpoint: bool = field(
         default=False,
         metadata={"doc": "With keep_checkpoints: also keep the checkpoint with the lowest held-out GJS (measured at "

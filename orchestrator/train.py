@@ -22,6 +22,7 @@ from pathlib import Path  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
+import ray  # noqa: E402
 
 from learner.group import GroupStepMetrics, read_client_state  # noqa: E402
 from opsd.adapter import AdapterPayload, write_adapter_dir  # noqa: E402
@@ -75,17 +76,22 @@ class ResumePoint:
     heldout_gjs: dict[int, float]
 
 
-def find_resume_point(cfg: OPSDConfig, total_steps: int) -> ResumePoint | None:
+def find_resume_point(cfg: OPSDConfig, total_steps: int, log: Callable[[str], None] = print) -> ResumePoint | None:
+    """The checkpoint to continue from, verified against its manifest: ``latest`` skips (and reports) newer ones that
+    do not verify; a directory given by path must verify."""
     resume = cfg.train.resume
     if resume is None:
         return None
     if resume == "latest":
-        steps = checkpoints.checkpoint_steps(cfg.train.run_dir)
-        if not steps:
-            raise ConfigError("train.resume", f"'latest': no checkpoint in {Path(cfg.train.run_dir) / 'checkpoints'}")
-        checkpoint = checkpoints.checkpoint_dir(cfg.train.run_dir, steps[-1])
+        checkpoint = checkpoints.newest_valid(cfg.train.run_dir, log)
+        if checkpoint is None:
+            raise ConfigError("train.resume", f"'latest': no complete checkpoint in "
+                              f"{Path(cfg.train.run_dir) / 'checkpoints'}")
     else:
         checkpoint = Path(resume)
+        problem = checkpoints.verify(checkpoint) if checkpoint.is_dir() else None
+        if problem is not None:
+            raise ConfigError("train.resume", f"{checkpoint} cannot be resumed from: {problem}")
     try:
         state = read_client_state(checkpoint)
     except (FileNotFoundError, NotADirectoryError) as e:
@@ -181,7 +187,7 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     run_dir = Path(cfg.train.run_dir)
     cfg.model.check()  # a model or tokenizer that cannot load fails here, before the data and any actor
     data = prepare_data(cfg)
-    resume = find_resume_point(cfg, data.total_steps)
+    resume = find_resume_point(cfg, data.total_steps, print_fn)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     sampler, total_steps = data.sampler, data.total_steps
@@ -227,8 +233,7 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                     progress.heldout_gjs[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(heldout)
                 sink.record(record)
                 print_fn(progress_line(record, total_steps))
-                save_outputs(stages, run_dir, step + 1, after, result.adapter, sampler, in_flight, progress,
-                             cfg.train.keep_checkpoints, cfg.train.keep_best_checkpoint)
+                save_outputs(stages, cfg, step + 1, after, result.adapter, sampler, in_flight, progress, print_fn)
         finally:
             if sink is not None:
                 sink.close()
@@ -252,17 +257,30 @@ def restore(stages: Stages, sampler: EpochSampler, resume: ResumePoint, progress
     return resume.step
 
 
-def save_outputs(stages: Stages, run_dir: Path, done: int, after: AfterStep, adapter: AdapterPayload,
-                 sampler: EpochSampler, in_flight: InFlight | None, progress: Progress,
-                 keep_last: int | None = None, keep_best: bool = False) -> None:
-    """The adapter directory and the checkpoint due after step ``done`` (older checkpoints pruned as configured)."""
-    if after.adapter:
-        write_adapter_dir(adapter, run_dir / "adapters" / f"v{adapter.version}")
-    if after.checkpoint:
-        cursor = in_flight.cursor if in_flight is not None else sampler.cursor
-        stages.learner.save_checkpoint(checkpoints.checkpoint_dir(run_dir, done),
-                                       {"cursor": cursor.__dict__, "heldout_gjs": progress.heldout_gjs})
-        checkpoints.prune(run_dir, keep_last, progress.heldout_gjs if keep_best else None)
+def save_outputs(stages: Stages, cfg: OPSDConfig, done: int, after: AfterStep, adapter: AdapterPayload,
+                 sampler: EpochSampler, in_flight: InFlight | None, progress: Progress, print_fn) -> None:
+    """The adapter directory and the checkpoint due after step ``done`` (its manifest written last; older ones pruned
+    as configured). A write that fails (a full disk) stops the run, or with ``train.checkpoint_failure=warn`` is
+    reported and the run goes on; the previous checkpoints are intact either way."""
+    run_dir = Path(cfg.train.run_dir)
+    target = run_dir / "adapters" / f"v{adapter.version}"
+    try:
+        if after.adapter:
+            write_adapter_dir(adapter, target)
+        if after.checkpoint:
+            target = checkpoints.checkpoint_dir(run_dir, done)
+            cursor = in_flight.cursor if in_flight is not None else sampler.cursor
+            stages.learner.save_checkpoint(target, {"cursor": cursor.__dict__, "heldout_gjs": progress.heldout_gjs})
+            checkpoints.write_manifest(target)
+            checkpoints.prune(run_dir, cfg.train.keep_checkpoints,
+                              progress.heldout_gjs if cfg.train.keep_best_checkpoint else None)
+    except (OSError, ray.exceptions.RayTaskError) as exc:
+        if isinstance(exc, ray.exceptions.RayTaskError) and not isinstance(exc.cause, OSError):
+            raise
+        error = checkpoints.write_failure(target, exc, run_dir)
+        if cfg.train.checkpoint_failure != "warn":
+            raise error from None
+        print_fn(f"opsd: warning: {error} (train.checkpoint_failure=warn: the run goes on)")
 
 
 def finish(run_dir: Path, total_steps: int, version: int, progress: Progress, print_fn) -> None:

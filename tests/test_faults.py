@@ -4,6 +4,7 @@ a model or tokenizer that cannot load. Each is one line on stderr naming the key
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,87 @@ def test_a_tokenizer_that_cannot_load_fails_before_any_work(capsys, tmp_path, ti
                              f"train.run_dir={run_dir}"])
     assert_one_line_naming(code, err, "/no/such/tokenizer")
     assert not run_dir.exists()
+
+
+# -- faults while running --------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MiB tmpfs (a real filesystem that fills up); skipped where mounting is not allowed."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, leave_bytes: int) -> None:
+    """Take all of the disk's free space but ``leave_bytes``."""
+    import shutil
+
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as f:
+        f.truncate(0)
+        chunk = b"\0" * (1 << 20)
+        remaining = free - leave_bytes
+        while remaining > 0:
+            f.write(chunk[: min(len(chunk), remaining)])
+            remaining -= len(chunk)
+        f.flush()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "warn"])
+def test_a_full_disk_while_saving_keeps_the_last_checkpoint(small_disk, tmp_path, tiny_model_dir, policy):
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from local_ray import local_ray
+
+    from orchestrator import checkpoints
+    from orchestrator.checkpoints import CheckpointWriteError
+    from orchestrator.config import load_config
+    from orchestrator.metrics import read_metrics
+    from orchestrator.train import train
+
+    run_dir = small_disk / "run"
+    cfg = load_config(REPO_ROOT / "recipes" / "tiny-cpu.yaml", [
+        f"model.path={tiny_model_dir}", f"data.path={DATA}", "data.limit=null", "train.steps=3",
+        "train.prompts_per_step=1", "rollout.max_response_tokens=4", "rollout.cpu_threads_per_worker=1",
+        "train.checkpoint_every=1", f"train.run_dir={run_dir}", f"train.checkpoint_failure={policy}"])
+    lines: list[str] = []
+
+    def print_fn(line: str) -> None:
+        lines.append(line)
+        if line.startswith("step 2/"):  # step 2 recorded, its adapter and checkpoint not yet written: disk full
+            fill(small_disk, leave_bytes=64 << 10)  # room for metrics lines, not for an adapter or a checkpoint
+
+    with local_ray(num_cpus=4):
+        if policy == "stop":
+            with pytest.raises(CheckpointWriteError) as error:
+                train(cfg, print_fn=print_fn)
+            message = str(error.value)
+            assert f"could not write {run_dir}" in message and "free there" in message
+            assert "the last checkpoint took" in message and "previous checkpoints are intact" in message
+        else:
+            train(cfg, print_fn=print_fn)
+            assert any("warning: could not write" in line and "the run goes on" in line for line in lines)
+            assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    assert checkpoints.checkpoint_steps(run_dir) == [1]  # steps 2 (and 3) could not be saved; step 1 is intact
+    for step in checkpoints.checkpoint_steps(run_dir):
+        assert checkpoints.verify(checkpoints.checkpoint_dir(run_dir, step)) is None
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # no half-written dir
+    if policy == "stop":  # and the run resumes from what was kept, elsewhere
+        elsewhere = tmp_path / "moved"
+        shutil.copytree(run_dir, elsewhere)
+        with local_ray(num_cpus=4):
+            train(load_config(REPO_ROOT / "recipes" / "tiny-cpu.yaml", [
+                f"model.path={tiny_model_dir}", f"data.path={DATA}", "data.limit=null", "train.steps=3",
+                "train.prompts_per_step=1", "rollout.max_response_tokens=4", "rollout.cpu_threads_per_worker=1",
+                "train.checkpoint_every=1", f"train.run_dir={elsewhere}", "train.resume=latest"]),
+                print_fn=lines.append)
+        assert [r["step"] for r in read_metrics(elsewhere)] == [1, 2, 3]
