@@ -18,7 +18,7 @@ import pyarrow as pa
 import ray
 
 from opsd.actors import gather_shards, get, kill_actors
-from opsd.adapter import AdapterPayload
+from opsd.adapter import AdapterError, AdapterPayload
 from opsd.model import ModelSpec, as_model_spec
 from opsd.prompts import PromptConfig
 from opsd.sampling import Sampling
@@ -29,6 +29,10 @@ from rollout.table import RolloutSummary
 from rollout.worker import RolloutWorker, WorkerInfo
 
 RolloutActor = ray.remote(RolloutWorker)
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter version that some rollout workers serve and one cannot load, even after being replaced."""
 
 # A shard whose worker dies (or hangs) is sent to a fresh worker at most this many times per step.
 MAX_SHARD_RETRIES = 2
@@ -133,11 +137,34 @@ class RolloutPool:
     # -- adapter versions --------------------------------------------------------------------------------------
     def load_adapter(self, payload: AdapterPayload | None) -> None:
         """Serve ``payload`` (None: the base model, version 0) on every worker: one ``ray.put``, every worker
-        reads the same object. A bad adapter raises ``AdapterError`` and every worker keeps its version."""
+        reads the same object. After it returns every worker serves that version, so no batch is ever sampled
+        with two policy versions:
+
+        * a bad adapter (refused by every worker, ``AdapterError``) is raised and every worker keeps its version;
+        * a worker that fails while others loaded it (died, hung, or failed in its engine) is replaced by a fresh
+          worker loading this version; if that fails too, :class:`AdapterLoadError` names the version and worker.
+        """
         version = payload.version if payload is not None else 0
         ref = ray.put(payload) if payload is not None else None
-        get([actor.load_adapter.remote(version, ref) for actor in self.actors], self.call_timeout_s)
+        calls = [actor.load_adapter.remote(version, ref) for actor in self.actors]
+        failed: dict[int, BaseException] = {}
+        for index, call in enumerate(calls):
+            try:
+                get(call, self.call_timeout_s)
+            except (AdapterError, ray.exceptions.RayError) as exc:
+                failed[index] = exc
+        if failed and all(isinstance(e, AdapterError) for e in failed.values()) and len(failed) == len(calls):
+            raise next(iter(failed.values()))  # the adapter itself is bad: every worker refused it, none changed
         self.adapter = (version, ref)
+        for index, exc in failed.items():
+            self.log(f"opsd: rollout worker {index} failed to load adapter v{version} ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else ''}); replacing it")
+            try:
+                self._replace(index)
+            except (AdapterError, ray.exceptions.RayError) as again:
+                raise AdapterLoadError(f"adapter v{version} could not be loaded on rollout worker {index}, nor on "
+                                       f"a fresh one ({type(again).__name__}: {again}); the run stops rather than "
+                                       "sample with two policy versions") from again
 
     @property
     def version(self) -> int:

@@ -184,3 +184,55 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(small_disk, tmp_path
                 "train.checkpoint_every=1", f"train.run_dir={elsewhere}", "train.resume=latest"]),
                 print_fn=lines.append)
         assert [r["step"] for r in read_metrics(elsewhere)] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_an_adapter_one_rollout_worker_fails_to_load_never_mixes_policy_versions(tiny_model_dir, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from local_ray import local_ray
+    from rollout_reference import make_lora_adapter
+
+    from opsd.adapter import AdapterError, read_adapter_dir
+    from opsd.data import load_problems
+    from opsd.model import ModelSpec
+    from opsd.schema import PROBLEM_SCHEMA, sample_id
+    from rollout.config import RolloutConfig
+    from rollout.pool import RolloutPool
+
+    import pyarrow as pa
+
+    adapter = read_adapter_dir(make_lora_adapter(tiny_model_dir, tmp_path / "v1", rank=8, seed=1), version=1)
+    rows, _ = load_problems(DATA, "gsm8k")
+    problems = pa.table({"sample_id": [sample_id(r, 0, 0) for r in rows.column("id").to_pylist()[:4]],
+                         "problem": rows.column("problem").to_pylist()[:4], "solution": [None] * 4,
+                         "answer": [None] * 4}, schema=PROBLEM_SCHEMA)
+    config = RolloutConfig(num_workers=2, gpus_per_worker=0, cpu_threads_per_worker=1, cpu_kv_cache_gib=0.25,
+                           max_model_len=512, max_response_tokens=4, temperature=1.0)
+    with local_ray(num_cpus=2):
+        log: list[str] = []
+        pool = RolloutPool(ModelSpec(str(tiny_model_dir)), config, max_lora_rank=8, call_timeout_s=300,
+                           log=log.append)
+        try:
+            # A bad adapter: every worker refuses it and keeps serving the base model.
+            bad = type(adapter)(version=1, weights=adapter.weights, config={**adapter.config, "r": 16})
+            with pytest.raises(AdapterError):
+                pool.load_adapter(bad)
+            assert pool.version == 0 and [i.policy_version for i in pool.infos()] == [0, 0]
+
+            def broken_switch(self):  # worker 1's engine fails to take any new weights
+                def fail(version, serve):
+                    raise RuntimeError("injected: the engine refused the weights")
+                self._switch = fail
+
+            import ray
+
+            ray.get(pool.actors[1].__ray_call__.remote(broken_switch), timeout=60)
+            pool.load_adapter(adapter)  # worker 0 loads it, worker 1 fails: replaced by a fresh worker that loads it
+            assert pool.replaced == 1 and any("rollout worker 1 failed to load adapter v1" in line for line in log)
+            assert [i.policy_version for i in pool.infos()] == [1, 1]
+            rollouts = pool.collect(pool.launch(problems))
+            assert set(rollouts.summary.policy_versions) == {1}  # no batch ever sampled with two versions
+        finally:
+            pool.shutdown()
