@@ -44,12 +44,51 @@ def ray_session(address: str | None, *, num_cpus: int, dashboard: bool = True) -
                            dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
     url = getattr(context, "dashboard_url", None)
     previous = _exit_on_sigterm() if not address else None
+    watchdog = _watchdog() if not address else None
     try:
         yield RaySession(address or "embedded", f"http://{url}" if url and "://" not in url else url)
     finally:
         ray.shutdown()
+        if watchdog is not None:
+            watchdog.kill()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+# Run in its own session by the driver of an embedded cluster: when the driver dies without cleaning up (SIGKILL,
+# the OOM killer), stop the cluster's processes, which would otherwise live on, holding memory and ports.
+_WATCHDOG = """
+import os, sys, time
+import psutil
+driver = psutil.Process(int(sys.argv[1]))
+procs = []
+while driver.is_running() and driver.status() != psutil.STATUS_ZOMBIE:
+    try:  # the driver's descendants now: Ray's head processes, its agents, the workers they started
+        procs = [p for p in driver.children(recursive=True) if p.pid != os.getpid()]
+    except psutil.NoSuchProcess:
+        break
+    time.sleep(1.0)
+for p in procs:
+    try:
+        p.terminate()
+    except psutil.NoSuchProcess:
+        pass
+gone, alive = psutil.wait_procs(procs, timeout=10)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.NoSuchProcess:
+        pass
+"""
+
+
+def _watchdog():
+    """A process that outlives the driver and stops the embedded cluster's processes when the driver dies."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())], start_new_session=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _exit_on_sigterm():

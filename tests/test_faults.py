@@ -236,3 +236,129 @@ def test_an_adapter_one_rollout_worker_fails_to_load_never_mixes_policy_versions
             assert set(rollouts.summary.policy_versions) == {1}  # no batch ever sampled with two versions
         finally:
             pool.shutdown()
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def records_of(run_dir: Path) -> list[dict]:
+    from orchestrator.metrics import read_metrics
+
+    return read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+
+
+def train_args(model_dir: Path, run_dir: Path, *more: str) -> list[str]:
+    return ["--config", str(REPO_ROOT / "recipes" / "tiny-cpu.yaml"), f"model.path={model_dir}", f"data.path={DATA}",
+            "data.limit=null", "train.prompts_per_step=1", "rollout.max_response_tokens=8",
+            "rollout.cpu_threads_per_worker=1", "train.checkpoint_every=1", "learner.optim.lr=5e-3",
+            f"train.run_dir={run_dir}", *more]
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_run_resumes_with_the_same_rows_and_losses(tiny_model_dir, tmp_path):
+    """SIGKILL (no cleanup at all) after a checkpoint; the embedded cluster dies with its driver; train.resume=latest
+    then trains exactly what an uninterrupted run trains."""
+    import os
+    import signal
+    import sys
+
+    import psutil
+
+    from orchestrator import checkpoints
+
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": str(REPO_ROOT)}
+    straight = tmp_path / "straight"
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train", *train_args(tiny_model_dir, straight)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "train",
+                               *train_args(tiny_model_dir, killed)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: 2 in checkpoints.checkpoint_steps(killed), 300, "the step-2 checkpoint")
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    wait_for(lambda: not [p for p in ray_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 60,
+             "the embedded cluster to die with its driver")
+
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "train",
+                           *train_args(tiny_model_dir, killed, "train.resume=latest")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    resumed, reference = records_of(killed), records_of(straight)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference]  # every step once
+    for a, b in zip(resumed, reference):
+        assert a["sample_ids"] == b["sample_ids"] and a["policy_versions"] == b["policy_versions"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_ray_job_stop_mid_step_ends_stopped_leaves_nothing_and_the_checkpoint_resumes(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    import os
+    import socket
+    import sys
+    import time
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from local_ray import local_ray
+
+    from orchestrator import checkpoints
+    from orchestrator.config import load_config
+    from orchestrator.train import train
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    with local_ray(num_cpus=4, dashboard_port=port):
+        import ray
+        from ray.util.state import list_actors, list_placement_groups
+
+        client = JobSubmissionClient(f"http://127.0.0.1:{port}")
+        entrypoint = " ".join(["python", "-m", "orchestrator.train",
+                               *train_args(tiny_model_dir, run_dir, "train.steps=50")])
+        deadline = time.monotonic() + 120
+        while True:  # the job agent comes up a few seconds after the head
+            try:
+                job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO_ROOT)})
+                break
+            except RuntimeError as exc:
+                if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+        wait_for(lambda: 2 in checkpoints.checkpoint_steps(run_dir), 300, "the step-2 checkpoint")
+        stopped_at = time.monotonic()
+        client.stop_job(job)
+        wait_for(lambda: client.get_job_status(job) == JobStatus.STOPPED, 60, "the job to end STOPPED")
+        assert time.monotonic() - stopped_at < 60
+        wait_for(lambda: not [a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                              if a.class_name in ("RolloutWorker", "TeacherScorer", "LearnerRank")], 60,
+                 "the job's actors to be gone")
+        assert not [g for g in list_placement_groups() if g.state == "CREATED"]
+        steps = checkpoints.checkpoint_steps(run_dir)
+        assert steps and all(checkpoints.verify(checkpoints.checkpoint_dir(run_dir, s)) is None for s in steps)
+        last = steps[-1]
+        lines: list[str] = []
+        overrides = train_args(tiny_model_dir, run_dir, f"train.steps={last + 1}", "train.resume=latest")[2:]
+        train(load_config(REPO_ROOT / "recipes" / "tiny-cpu.yaml", overrides), print_fn=lines.append)
+        assert any("resumed from" in line and f"step-{last}" in line for line in lines)
+        assert ray.is_initialized()
+    assert records_of(run_dir)[-1]["step"] == last + 1
