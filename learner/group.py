@@ -3,6 +3,7 @@
     group = LearnerGroup(model, learner_config, total_steps=100, actor_options=reservation_options)
     metrics = group.train_step(scored)        # table refs of the previous stage (or a table): one optimizer step
     payload = group.export_adapter()          # AdapterPayload for the rollout workers
+    teacher = group.export_teacher_adapter()  # with an EMA teacher: its adapter for the teacher actors
 
 Every rank reads the step's table from the object store itself, checks it, and computes the same split
 (:mod:`learner.batch`); the driver only sends refs and reads metrics back.
@@ -66,6 +67,7 @@ class RankSetup:
     seed: int
     expected_top_k: int | None
     full_teacher: FullTeacherSettings
+    ema_decay: float | None  # an EMA teacher (teacher.kind=ema); None: the frozen base
 
 
 @dataclass
@@ -80,6 +82,7 @@ class RankStep:
     skip_reason: str = ""
     metrics: StepMetrics | None = None
     prepare_seconds: float = 0.0
+    teacher_version: int | None = None  # the in-process teacher's version in this step (None: teacher actors)
 
 
 @dataclass
@@ -98,6 +101,9 @@ class GroupStepMetrics:
     staleness_max: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     skipped_rows: dict[str, int] = field(default_factory=dict)
+    # The version of the teacher the learner ran itself in this step (full-vocabulary kind): 0 the base model, n the
+    # EMA after n applied steps. None when teacher actors scored the table.
+    teacher_version: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -114,13 +120,14 @@ class LearnerRank:
         self.rank, self.setup_ = rank, setup
         self.worker = LearnerWorker(setup.model, setup.config, rank=rank, world_size=setup.world_size,
                                     master_addr=setup.master_addr, master_port=setup.master_port,
-                                    total_steps=setup.total_steps, seed=setup.seed)
+                                    total_steps=setup.total_steps, seed=setup.seed, ema_decay=setup.ema_decay)
         tokenizer = setup.model.load_tokenizer()
         vocab_size = int(setup.model.load_config().vocab_size)
         self.kind = setup.config.loss.loss_kind
         self.expected = TableMetadata(setup.model.path, tokenizer_fingerprint(tokenizer), vocab_size,
                                       setup.expected_top_k, setup.config.loss.tau)
-        self.builder = PromptBuilder(tokenizer, setup.full_teacher.prompt) if self.kind.runs_frozen_base else None
+        in_learner = self.kind.runs_teacher_in_learner
+        self.builder = PromptBuilder(tokenizer, setup.full_teacher.prompt) if in_learner else None
 
     def _table(self, tables: Sequence[pa.Table]) -> pa.Table:
         table = concat_tables(tables)
@@ -129,7 +136,7 @@ class LearnerRank:
 
     def _plan(self, table: pa.Table) -> StepPlan:
         contexts = None
-        if self.kind.runs_frozen_base:
+        if self.kind.runs_teacher_in_learner:
             settings = self.setup_.full_teacher
             contexts = build_contexts(self.builder, table.column("problem").to_pylist(),
                                       table.column("solution").to_pylist(), table.column("response_ids").to_pylist(),
@@ -142,11 +149,13 @@ class LearnerRank:
         started = time.perf_counter()
         table = self._table(tables)
         staleness = [version - v for v in table.column("policy_version").to_pylist()]
+        teacher_version = self.worker.teacher_version if self.kind.runs_teacher_in_learner else None
         bad = self.kind.non_finite_rows(table) if self.kind.needs_teacher_stage else []
         if bad:
             return RankStep(table.num_rows, 0, {}, staleness, f"non-finite teacher values in {bad[:3]}")
         plan = self._plan(table)
-        step = RankStep(table.num_rows, plan.global_tokens, plan.skipped_rows, staleness)
+        step = RankStep(table.num_rows, plan.global_tokens, plan.skipped_rows, staleness,
+                        teacher_version=teacher_version)
         if plan.global_tokens == 0:
             step.skip_reason = "empty step: no response tokens to train on"
             return step
@@ -164,6 +173,9 @@ class LearnerRank:
 
     def export_adapter(self, version: int) -> AdapterPayload | None:
         return self.worker.export_adapter(version)
+
+    def export_teacher_adapter(self) -> AdapterPayload | None:
+        return self.worker.export_teacher_adapter()
 
     def trainable_parameters(self) -> dict:
         return self.worker.trainable_parameters()
@@ -194,11 +206,16 @@ class LearnerGroup:
         seed: int = 0,
         expected_top_k: int | None = None,
         full_teacher: FullTeacherSettings | None = None,
+        ema_decay: float | None = None,
         actor_options: dict | Sequence[dict] | None = None,
         timeout_s: float = 3600.0,
     ):
+        """``ema_decay``: keep an EMA of the LoRA weights as the teacher (``teacher.kind=ema``): the in-process
+        teacher of the full-vocabulary kind runs it, :meth:`export_teacher_adapter` gives it to teacher actors.
+        None: the teacher is the frozen base model."""
         config.validate()
         self.model, self.config, self.timeout_s = as_model_spec(model), config, timeout_s
+        self.ema_decay = ema_decay
         self.version = 0  # adapter version the learner holds: 0 = base model, +1 per applied step
         self.step_count = 0
         n = config.num_workers
@@ -206,7 +223,7 @@ class LearnerGroup:
         self.actors = [LearnerActor.options(**options[r]).remote() for r in range(n)]
         address, port = get(self.actors[0].address.remote(), timeout_s)
         setup = RankSetup(self.model, config, n, address, port, total_steps, seed, expected_top_k,
-                          full_teacher or FullTeacherSettings())
+                          full_teacher or FullTeacherSettings(), ema_decay)
         get([a.setup.remote(r, setup) for r, a in enumerate(self.actors)], timeout_s)
 
     def _refs(self, tables: pa.Table | TableRefs) -> tuple:
@@ -220,7 +237,8 @@ class LearnerGroup:
         first = steps[0]
         staleness = first.staleness or [0]
         base = dict(step=self.step_count, rows=first.rows, staleness_mean=sum(staleness) / len(staleness),
-                    staleness_max=max(staleness), skipped_rows=first.skipped_rows)
+                    staleness_max=max(staleness), skipped_rows=first.skipped_rows,
+                    teacher_version=first.teacher_version)
         self.step_count += 1
         if first.metrics is None:
             return GroupStepMetrics(loss=float("nan"), gjs=float("nan"), tokens=0, grad_norm=float("nan"), lr=0.0,
@@ -246,7 +264,9 @@ class LearnerGroup:
         )
 
     def evaluate(self, tables: pa.Table | TableRefs) -> float:
-        """Mean GJS per response token of the table under the current adapter (no update): the held-out metric."""
+        """Mean GJS per response token of the table under the current adapter (no update): the held-out metric.
+        The full-vocabulary kind's teacher here is always the frozen base, whatever the training teacher: the same
+        yardstick as a held-out table the teacher actors scored once, before training."""
         refs = self._refs(tables)
         results = get([a.evaluate.remote(*refs) for a in self.actors], self.timeout_s)
         return sum(total for total, _ in results) / max(results[0][1], 1)
@@ -255,6 +275,14 @@ class LearnerGroup:
     def export_adapter(self, version: int | None = None) -> AdapterPayload:
         payloads = get([a.export_adapter.remote(version or self.version) for a in self.actors], self.timeout_s)
         return payloads[0]
+
+    def export_teacher_adapter(self) -> AdapterPayload | None:
+        """The EMA teacher's adapter (``ema_decay`` set); its version is the learner's adapter version (the EMA is
+        updated at every applied step). None while the teacher is the base model (before the first applied step).
+        Every rank holds the same EMA: rank 0 answers."""
+        if self.ema_decay is None:
+            raise ValueError("this learner group keeps no EMA teacher (ema_decay is None)")
+        return get(self.actors[0].export_teacher_adapter.remote(), self.timeout_s)
 
     def logits(self, input_ids: list[list[int]]):
         return get([a.logits.remote(input_ids) for a in self.actors], self.timeout_s)[0]

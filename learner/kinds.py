@@ -65,8 +65,9 @@ TeacherBatch = TopKBatch | SampledTokenBatch | ContextBatch
 
 
 @dataclass(frozen=True)
-class FrozenBase:
-    """The learner's frozen base model (adapter off), for kinds whose teacher runs inside the learner."""
+class LearnerTeacher:
+    """The teacher model the learner runs itself, for kinds whose teacher runs inside the learner: the base model
+    (adapter off), or with ``teacher.kind=ema`` the base model with the EMA of the LoRA weights."""
 
     hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input_ids, attention_mask) -> last hidden
     lm_head: torch.nn.Module
@@ -78,7 +79,7 @@ class LossKind:
 
     name: ClassVar[str]
     needs_teacher_stage: ClassVar[bool]  # the teacher actors add columns this kind reads
-    runs_frozen_base: ClassVar[bool] = False  # the learner runs the frozen base on teacher contexts itself
+    runs_teacher_in_learner: ClassVar[bool] = False  # the learner runs the teacher model on teacher contexts itself
     teacher_columns: ClassVar[tuple[str, ...]] = ()
 
     def check_table(self, table: pa.Table, expected: TableMetadata) -> None:
@@ -123,11 +124,11 @@ class LossKind:
         """One micro-batch's teacher data; ``responses`` are the rows' response ids."""
         raise NotImplementedError
 
-    def loss_teacher(self, batch: TeacherBatch, frozen: FrozenBase) -> Teacher:
+    def loss_teacher(self, batch: TeacherBatch, model: LearnerTeacher) -> Teacher:
         raise NotImplementedError
 
     def context_tokens(self, teacher: Any) -> int:
-        """Tokens the learner runs for a row's teacher (0 unless the frozen base runs in the learner)."""
+        """Tokens the learner runs for a row's teacher (0 unless the teacher runs in the learner)."""
         return 0
 
 
@@ -147,7 +148,7 @@ class _TopK(LossKind):
                          torch.from_numpy(np.concatenate([t[1] for t in teachers])),
                          torch.from_numpy(np.concatenate([t[2] for t in teachers])))
 
-    def loss_teacher(self, batch, frozen):
+    def loss_teacher(self, batch, model):
         from learner.loss import TopKTeacher
 
         return TopKTeacher(batch.ids, batch.logprobs, batch.tail_logprob)
@@ -179,19 +180,19 @@ class SampledToken(LossKind):
         return SampledTokenBatch(torch.tensor([t for r in responses for t in r], dtype=torch.long),
                                  torch.from_numpy(np.concatenate(teachers)))
 
-    def loss_teacher(self, batch, frozen):
+    def loss_teacher(self, batch, model):
         from learner.loss import SampledTokenTeacher
 
         return SampledTokenTeacher(batch.token_ids, batch.logprob)
 
 
 class FullVocabulary(LossKind):
-    """GJS over the whole vocabulary (the paper's default): no teacher actors; the learner runs the frozen base on
-    each row's teacher context itself."""
+    """GJS over the whole vocabulary (the paper's default): no teacher actors; the learner runs the teacher model (the
+    frozen base, or the base with the EMA adapter) on each row's teacher context itself."""
 
     name = "full"
     needs_teacher_stage = False
-    runs_frozen_base = True
+    runs_teacher_in_learner = True
 
     def row_teachers(self, table, contexts):
         if contexts is None:
@@ -206,11 +207,11 @@ class FullVocabulary(LossKind):
                                              pad_id)
         return ContextBatch(ids, mask, positions)
 
-    def loss_teacher(self, batch, frozen):
+    def loss_teacher(self, batch, model):
         from learner.loss import FullTeacher
 
-        hidden = frozen.hidden(batch.input_ids, batch.attention_mask)
-        head = frozen.lm_head
+        hidden = model.hidden(batch.input_ids, batch.attention_mask)
+        head = model.lm_head
         # The parameters themselves, not detached copies: under ZeRO-3 they are filled in when gathered for the loss.
         return FullTeacher(hidden=hidden[batch.response_mask], weight=head.weight, bias=getattr(head, "bias", None))
 

@@ -4,7 +4,7 @@
     metrics = worker.train_step(micro_batches, global_tokens=..., num_micro_batches=...)
 
 A plain class; ``learner.group`` runs one per Ray actor. Gradient bookkeeping and non-finite steps: see
-docs/ARCHITECTURE.md ("The learner").
+docs/ARCHITECTURE.md ("The learner"); the EMA teacher: ("The teacher").
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import random
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,8 @@ import torch
 
 from learner.batch import MicroBatch, empty_micro_batch
 from learner.config import LearnerConfig
-from learner.kinds import FrozenBase
+from learner.ema import EmaWeights
+from learner.kinds import LearnerTeacher
 from learner.loss import gjs_loss
 from learner.schedule import build_scheduler
 from opsd.adapter import AdapterPayload
@@ -62,13 +64,20 @@ class LearnerWorker:
         master_port: int | None = None,
         total_steps: int = 1,
         seed: int = 0,
+        ema_decay: float | None = None,
     ):
+        """``ema_decay``: keep an EMA of the LoRA weights as the teacher (``teacher.kind=ema``); None: the teacher is
+        the frozen base model."""
         model_spec = as_model_spec(model)
         self.config = config
         self.kind = config.loss.loss_kind
         self.model_path = model_spec.path
         self.rank, self.world_size = rank, world_size
         self.total_steps = total_steps
+        self.ema = EmaWeights(ema_decay) if ema_decay is not None else None
+        if self.ema is not None and self.kind.runs_teacher_in_learner and config.zero_stage == 3:
+            raise ValueError(f"an EMA teacher with loss kind {self.kind.name!r} needs zero_stage 0 to 2: the "
+                             "in-process teacher swaps the EMA into the LoRA weights, which ZeRO-3 partitions")
         self.on_gpu = torch.cuda.is_available()
         if not self.on_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
@@ -123,25 +132,64 @@ class LearnerWorker:
     def _lm_head(self) -> torch.nn.Module:
         return self.peft_model.get_base_model().get_output_embeddings()
 
-    def _frozen_base(self) -> FrozenBase:
-        """The base model with the adapter off: the teacher, for kinds that run it here."""
+    def _teacher(self, frozen: bool = False) -> LearnerTeacher:
+        """The teacher, for kinds that run it here (see :meth:`_teacher_weights`); ``frozen``: the base model
+        whatever the teacher kind."""
 
         def hidden(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad(), self.peft_model.disable_adapter():
+            with torch.no_grad(), self._teacher_weights(frozen):
                 return self._decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-        return FrozenBase(hidden, self._lm_head())
+        return LearnerTeacher(hidden, self._lm_head())
 
-    def trainable_parameters(self) -> dict[str, torch.Tensor]:
-        """Full (gathered) fp32 copies of the LoRA tensors, for tests and checks. All ranks must call it."""
+    @contextmanager
+    def _teacher_weights(self, frozen: bool = False):
+        """The teacher's weights in the model for the body: the base model (adapter off) while there is no EMA
+        (frozen teacher, or before the first applied step), else the EMA copied into the LoRA weights and the
+        student's copied back afterwards, bit for bit (the official OPSD code's ``_ema_teacher_context``). The model
+        is in eval mode inside (no LoRA dropout), as on the teacher actors."""
+        training = self.peft_model.training
+        self.peft_model.eval()
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            if frozen or self.ema is None or self.ema.params is None:
+                with self.peft_model.disable_adapter():
+                    yield
+                return
+            with torch.no_grad():
+                for name, p in self.peft_model.named_parameters():
+                    if name in self.ema.params:
+                        saved[name] = p.data.clone()
+                        p.data.copy_(self.ema.params[name])
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.peft_model.named_parameters():
+                    if name in saved:
+                        p.data.copy_(saved[name])
+            self.peft_model.train(training)
+
+    def _full_lora(self) -> dict[str, torch.Tensor]:
+        """Full fp32 values of the trainable (LoRA) parameters on this rank's device: DeepSpeed's fp32 master copy
+        where it keeps one (gathered under ZeRO), else the parameter itself. A collective: all ranks must call it."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         out = {}
         for name, p in self.peft_model.named_parameters():
             if p.requires_grad:
-                full = safe_get_full_fp32_param(p) if self.config.zero_stage > 0 else p.detach()
-                out[name] = full.detach().float().cpu().clone()
+                full = safe_get_full_fp32_param(p)
+                out[name] = (full if full is not None else p).detach().float()
         return out
+
+    def trainable_parameters(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) fp32 copies of the LoRA tensors, for tests and checks. All ranks must call it."""
+        return {name: value.cpu().clone() for name, value in self._full_lora().items()}
+
+    @property
+    def teacher_version(self) -> int:
+        """The version of the teacher this learner runs or keeps: the EMA's (0 before its first update), 0 for the
+        frozen base."""
+        return self.ema.version if self.ema is not None else 0
 
     # ------------------------------------------------------------------------------------------------------------
     def train_step(self, micro_batches: list[MicroBatch], global_tokens: int, num_micro_batches: int) -> StepMetrics:
@@ -182,6 +230,8 @@ class LearnerWorker:
             metrics.skipped, metrics.skip_reason = True, "non-finite gradient"
         if applied:
             self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self._full_lora())  # after every applied optimizer step, as the official code
         if self.config.zero_stage > 0:
             norm = self.engine.get_global_grad_norm()
             metrics.grad_norm = float(norm) if norm is not None and applied else float("nan")
@@ -191,8 +241,9 @@ class LearnerWorker:
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[MicroBatch], num_micro_batches: int) -> tuple[float, int]:
-        """Sum of per-token divergences and token count under the current adapter, no update. All ranks must call
-        it with the same ``num_micro_batches`` (ZeRO-3 gathers weights in the forwards)."""
+        """Sum of per-token divergences and token count under the current adapter, no update; an in-process
+        teacher is the frozen base here, whatever the teacher kind (the held-out yardstick). All ranks must call it
+        with the same ``num_micro_batches`` (ZeRO-3 gathers weights in the forwards)."""
         self.engine.eval()
         total, tokens = 0.0, 0
         batches = list(micro_batches) + [empty_micro_batch(self.pad_id)] * (num_micro_batches - len(micro_batches))
@@ -202,20 +253,23 @@ class LearnerWorker:
                 self._idle_forwards(batch)
                 self._decoder()(input_ids=batch.input_ids)
                 continue
-            out = self._loss(batch, normalizer=None)
+            out = self._loss(batch, normalizer=None, frozen_teacher=True)
             total += float(out.divergence_sum)
             tokens += out.num_tokens
         return total, tokens
 
-    def _loss(self, batch: MicroBatch, normalizer: float | None):
-        """The student's forward on ``batch`` and the fused loss against the batch's teacher."""
+    def _loss(self, batch: MicroBatch, normalizer: float | None, frozen_teacher: bool = False):
+        """The student's forward on ``batch`` and the fused loss against the batch's teacher (``frozen_teacher``:
+        an in-process teacher is the base model, whatever the teacher kind)."""
         import deepspeed
 
         loss = self.config.loss
+        # The teacher first: an EMA swapped into the LoRA weights is undone before the student's forward records its
+        # graph.
+        teacher_model = self._teacher(frozen_teacher)
+        teacher = self.kind.loss_teacher(batch.teacher, teacher_model)
         hidden = self._decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        frozen = self._frozen_base()
-        teacher = self.kind.loss_teacher(batch.teacher, frozen)
-        lm_head = frozen.lm_head
+        lm_head = teacher_model.lm_head
         # The fused loss reads lm_head's weight directly, outside the module's forward: under ZeRO-3 it must be
         # gathered first (read-only: lm_head is frozen under LoRA).
         with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), enabled=self.config.zero_stage == 3):
@@ -225,9 +279,9 @@ class LearnerWorker:
                             clip_mode=loss.clip_mode if loss.clip is not None else "token")
 
     def _idle_forwards(self, batch: MicroBatch) -> None:
-        """The teacher forward an empty micro-batch stands in for (kinds that run the frozen base here)."""
-        if self.kind.runs_frozen_base:
-            self._frozen_base().hidden(batch.input_ids, batch.attention_mask)
+        """The teacher forward an empty micro-batch stands in for (kinds that run the teacher here)."""
+        if self.kind.runs_teacher_in_learner:
+            self._teacher().hidden(batch.input_ids, batch.attention_mask)
 
     def _check_gradients_zero0(self, metrics: StepMetrics) -> None:
         """ZeRO-0 has no overflow check and reports no norm: compute the global gradient norm here, and if it is not
@@ -259,7 +313,6 @@ class LearnerWorker:
         returns the payload, the others None."""
         import deepspeed
         from peft import get_peft_model_state_dict
-        from safetensors.torch import save
 
         lora = [p for n, p in self.peft_model.named_parameters() if "lora_" in n]
         with deepspeed.zero.GatheredParameters(lora, enabled=self.config.zero_stage == 3):
@@ -269,6 +322,23 @@ class LearnerWorker:
             tensors = {k: v.detach().to(torch.float32).cpu().contiguous().clone() for k, v in state.items()}
         if any(t.numel() == 0 for t in tensors.values()):
             raise RuntimeError("adapter export produced empty tensors (ZeRO-3 parameters not gathered)")
+        return self._payload(version, tensors)
+
+    def export_teacher_adapter(self) -> AdapterPayload | None:
+        """The EMA teacher's LoRA weights as a payload of version ``teacher_version`` (the same PEFT config and
+        tensor names as :meth:`export_adapter`); None while the teacher is the base model (no EMA, or none yet).
+        Every rank holds the whole EMA: no collective."""
+        from peft import get_peft_model_state_dict
+
+        if self.ema is None or self.ema.params is None:
+            return None
+        state = get_peft_model_state_dict(self.peft_model, state_dict=self.ema.params)
+        tensors = {k: v.detach().to(torch.float32).cpu().contiguous().clone() for k, v in state.items()}
+        return self._payload(self.ema.version, tensors)
+
+    def _payload(self, version: int, tensors: dict[str, torch.Tensor]) -> AdapterPayload:
+        from safetensors.torch import save
+
         config = self.peft_model.peft_config["default"].to_dict()
         config = json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
         config["base_model_name_or_path"] = self.model_path
@@ -276,8 +346,9 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------------------------------
     def save_checkpoint(self, directory: str, client_state: dict | None = None) -> None:
-        """Adapter, optimizer, schedule, step and RNG states into ``directory`` (all ranks write their shards; the
-        caller makes the directory appear atomically, see LearnerGroup.save_checkpoint)."""
+        """Adapter, optimizer, schedule, step, RNG states and the EMA teacher into ``directory`` (all ranks write
+        their shards; rank 0 the EMA, the same on every rank; the caller makes the directory appear atomically, see
+        LearnerGroup.save_checkpoint)."""
         state = {
             "step": self.step_count,
             "scheduler": self.scheduler.state_dict(),
@@ -286,6 +357,8 @@ class LearnerWorker:
         self.engine.save_checkpoint(directory, tag="learner", client_state=state, exclude_frozen_parameters=True)
         rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
         torch.save(rng, rng_state_path(directory, self.rank))
+        if self.ema is not None and self.rank == 0:
+            self.ema.save(ema_state_path(directory))
 
     def load_checkpoint(self, directory: str) -> dict:
         _, state = self.engine.load_checkpoint(directory, tag="learner", load_module_strict=False)
@@ -295,6 +368,13 @@ class LearnerWorker:
         self.scheduler.load_state_dict(state["scheduler"])
         rng = torch.load(rng_state_path(directory, self.rank), weights_only=False)
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        if self.ema is not None:
+            path = ema_state_path(directory)
+            if not path.is_file():
+                raise FileNotFoundError(f"{directory} holds no EMA teacher ({path.name}): it was saved with "
+                                        "teacher.kind=frozen, and the EMA it would have kept cannot be rebuilt")
+            names = {name for name, p in self.peft_model.named_parameters() if p.requires_grad}
+            self.ema.load(path, names, self.device)
         return state["client"]
 
     def barrier(self) -> None:
@@ -306,6 +386,11 @@ class LearnerWorker:
 def rng_state_path(directory: str | Path, rank: int) -> Path:
     """Where rank ``rank`` keeps its RNG states in a checkpoint (one file per rank: also the proof it wrote there)."""
     return Path(directory) / f"rng-rank{rank}.pt"
+
+
+def ema_state_path(directory: str | Path) -> Path:
+    """Where a checkpoint keeps the EMA teacher (``teacher.kind=ema``), written by rank 0."""
+    return Path(directory) / "ema-teacher.safetensors"
 
 
 def _seed_everything(seed: int) -> None:

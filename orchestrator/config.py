@@ -231,7 +231,8 @@ class OPSDConfig:
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Training data."})
     prompt: PromptConfig = field(default_factory=PromptConfig, metadata={"doc": "Student and teacher prompts."})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": "Student sampling (vLLM)."})
-    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"doc": "Frozen teacher scoring."})
+    teacher: TeacherConfig = field(default_factory=TeacherConfig,
+                                   metadata={"doc": "The teacher (frozen or EMA) and its scoring."})
     learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"doc": "LoRA learner and loss."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Training loop."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation on eval sets during training."})
@@ -250,6 +251,14 @@ class OPSDConfig:
                 "compare distributions the traces were not sampled from. Leave it unset (it follows "
                 "rollout.temperature) or set learner.loss.allow_temperature_mismatch=true",
             )
+        if self.teacher.kind == "ema" and self.learner.zero_stage == 3 and not loss.loss_kind.needs_teacher_stage:
+            raise ConfigError(
+                "teacher.kind",
+                f"'ema' with learner.loss.kind={loss.kind} and learner.zero_stage=3 is not supported: the learner's "
+                "in-process teacher swaps the EMA into the LoRA weights, which ZeRO-3 partitions. Use "
+                "learner.zero_stage 0 to 2, or a loss kind with teacher actors (topk_tail, topk_renorm, "
+                "sampled_token)",
+            )
         if self.teacher.max_context_tokens is not None:
             check(
                 self.teacher.max_context_tokens > self.rollout.max_response_tokens,
@@ -267,9 +276,13 @@ GPU_ONLY_ROLLOUT_KEYS = ("gpu_memory_utilization", "tensor_parallel_size")
 
 
 def ineffective_keys(cfg: OPSDConfig, on_cpu: bool) -> list[str]:
-    """Keys set to a non-default value that do nothing in this run (the loss kind runs no teacher actors; CPU-only
-    settings on GPU and the reverse), each with why: the driver prints them as warnings."""
+    """Keys set to a non-default value that do nothing in this run (an EMA decay with the frozen teacher; the loss kind
+    runs no teacher actors; CPU-only settings on GPU and the reverse), each with why: the driver prints them as
+    warnings."""
     notes = []
+    if cfg.teacher.kind == "frozen":
+        notes += [f"teacher.{key} has no effect: teacher.kind=frozen keeps no EMA"
+                  for key in _changed(cfg.teacher, ("ema_decay",))]
     if not cfg.learner.loss.loss_kind.needs_teacher_stage:
         notes += [f"teacher.{key} has no effect: learner.loss.kind={cfg.learner.loss.kind} runs no teacher actors "
                   "(the learner scores with its own frozen base)" for key in _changed(cfg.teacher, TEACHER_ACTOR_KEYS)]

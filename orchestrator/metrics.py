@@ -22,7 +22,8 @@ GAUGES: dict[str, str] = {
     "clip_fraction": "Fraction of tokens (clip_mode token) or vocabulary entries (pointwise) whose divergence was capped",
     "learning_rate": "Learning rate of the step",
     "step_seconds": "Wall time of the step",
-    "adapter_sync_seconds": "Time to export the adapter and load it on every rollout worker",
+    "adapter_sync_seconds": "Time to export the adapter and load it on every rollout worker (and an EMA teacher's on "
+                            "every teacher actor)",
     "policy_staleness": "Mean adapter versions between the rollout's policy and the learner's",
     "rows_in_flight": "Rows generated or scored but not yet trained on",
     "rollout_length_mean": "Mean response length in tokens",

@@ -5,6 +5,7 @@
     scored = stages.score(rollouts)
     metrics = stages.learner.train_step(scored.tables)
     stages.rollout.load_adapter(stages.learner.export_adapter())
+    stages.sync_teacher()                  # teacher.kind=ema: the learner's EMA adapter on the teacher actors
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Stages:
                 cfg.model, cfg.learner, total_steps=total_steps, seed=cfg.train.seed, expected_top_k=cfg.teacher.top_k,
                 full_teacher=FullTeacherSettings(cfg.prompt, teacher_context_tokens(cfg),
                                                  cfg.teacher.on_overlength),
+                ema_decay=cfg.teacher.ema_decay if cfg.teacher.kind == "ema" else None,
                 actor_options=reservation.stage_options("learner"), timeout_s=timeout,
             )
         except BaseException:
@@ -67,6 +69,12 @@ class Stages:
         if self.teacher is None:
             return Scored(rollouts.tables, {}, 0)
         return self.teacher.score(rollouts.tables)
+
+    def sync_teacher(self) -> None:
+        """With an EMA teacher and teacher actors, load the learner's EMA adapter on them (after an applied step,
+        and on resume). The full-vocabulary kind's in-process teacher uses the learner's EMA itself."""
+        if self.teacher is not None and self.learner.ema_decay is not None:
+            self.teacher.load_adapter(self.learner.export_teacher_adapter())
 
     @property
     def replaced(self) -> int:

@@ -171,6 +171,7 @@ def train_step(stages: Stages, in_flight: InFlight, prefetch: Callable[[], InFli
     adapter = stages.learner.export_adapter()
     if not learned.skipped:
         stages.rollout.load_adapter(adapter)
+        stages.sync_teacher()
     return StepResult(rollouts, scored, learned, adapter, seconds, time.perf_counter() - t0, following, graded)
 
 
@@ -253,6 +254,7 @@ def restore(stages: Stages, sampler: EpochSampler, resume: ResumePoint, progress
     progress.heldout_gjs.update(resume.heldout_gjs)
     version = stages.learner.version
     stages.rollout.load_adapter(stages.learner.export_adapter() if version else None)  # v0: the base model
+    stages.sync_teacher()
     print_fn(f"opsd: resumed from {resume.checkpoint} at step {resume.step} (adapter v{version})")
     return resume.step
 
@@ -339,6 +341,9 @@ def step_record(step: int, sampler: EpochSampler, result: StepResult, adapter_ve
         "rollout_length_mean": sum(lengths) / len(lengths),
         "truncation_rate": stats.truncated / max(stats.samples, 1),
         "adapter_version": adapter_version, "workers_replaced": replaced,
+        # The teacher this step's table was scored with: 0 the base model, n the EMA after n applied steps.
+        "teacher_version": result.scored.teacher_version if result.scored.teacher_version is not None
+        else learned.teacher_version,
     }
     stage_tokens = {"rollout": stats.generated_tokens, "teacher": result.scored.tokens, "learner": learned.tokens}
     for stage, secs in result.seconds.items():

@@ -1,4 +1,5 @@
-"""Configuration of the teacher stage: the frozen initial model that scores student traces given the solution."""
+"""Configuration of the teacher stage: the initial model (frozen, or with an EMA of the student's adapter) that scores
+student traces given the solution."""
 
 from __future__ import annotations
 
@@ -10,8 +11,22 @@ from opsd.configlib import check
 
 @dataclass
 class TeacherConfig:
-    """The frozen teacher: its resources, how its distribution is compressed, and how long contexts are handled."""
+    """The teacher: which weights it runs, its resources, how its distribution is compressed, and how long contexts
+    are handled."""
 
+    kind: Literal["frozen", "ema"] = field(
+        default="frozen",
+        metadata={
+            "doc": "'frozen': the base model, never updated (the paper's default). 'ema': the base model with an "
+            "exponential moving average of the student's LoRA weights, updated after every applied learner step "
+            "(the official OPSD code's use_ema_teacher); the base model until the first step."
+        },
+    )
+    ema_decay: float = field(
+        default=0.999,
+        metadata={"doc": "EMA decay d of teacher.kind=ema, in (0, 1): ema = d * ema + (1 - d) * student after each "
+                  "applied step (the first step's adapter is copied). Typical: 0.99 to 0.9999."},
+    )
     num_workers: int = field(default=1, metadata={"doc": "Number of TeacherScorer actors."})
     gpus_per_worker: float = field(
         default=1.0,
@@ -51,6 +66,7 @@ class TeacherConfig:
     )
 
     def validate(self) -> None:
+        check(0 < self.ema_decay < 1, "ema_decay", f"must be in (0, 1), got {self.ema_decay}")
         check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
         check(self.gpus_per_worker >= 0, "gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")

@@ -1,9 +1,11 @@
 """TeacherPool: the teacher stage as one object. It starts its TeacherScorer actors (in their placement bundles),
 gives each a contiguous share of the rollout stage's rows (refs into the object store, never fetched here), gathers
-the scored shards (a dead or hung actor is replaced and its share sent again) and reports what was skipped.
+the scored shards (a dead or hung actor is replaced and its share sent again) and reports what was skipped. With an
+EMA teacher it loads each version of the learner's EMA adapter on every actor.
 
     pool = TeacherPool(model, teacher_config, prompts, temperature=1.1, actor_options=reservation_options)
     scored = pool.score(rollouts.tables)     # Scored: table refs for the learner + a summary for metrics
+    pool.load_adapter(payload)               # teacher.kind=ema: every actor scores with it from the next call on
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, Callable, Sequence
 import ray
 
 from opsd.actors import gather_shards, get, kill_actors
+from opsd.adapter import AdapterPayload
 from opsd.model import ModelSpec, as_model_spec
 from opsd.prompts import PromptConfig
 from opsd.tables import TableRefs
@@ -32,6 +35,7 @@ class Scored:
     tables: TableRefs
     skipped: dict[str, int]  # rows the teacher left out, by reason
     tokens: int  # teacher tokens run (contexts, unpadded)
+    teacher_version: int | None = None  # the adapter version the actors scored with (0: base); None: no actors ran
 
 
 class TeacherPool:
@@ -48,6 +52,7 @@ class TeacherPool:
         self.temperature, self.actor_options, self.device = temperature, actor_options, device
         self.call_timeout_s, self.log = call_timeout_s, log
         self.replaced = 0
+        self.adapter: tuple[int, ray.ObjectRef | None] = (0, None)  # the version every actor scores with, its payload
         self.actors = [self._new_actor(i) for i in range(config.num_workers)]
         try:
             get([actor.__ray_ready__.remote() for actor in self.actors], call_timeout_s)
@@ -80,6 +85,8 @@ class TeacherPool:
             index = shares[slot][0]
             ray.kill(self.actors[index], no_restart=True)
             self.actors[index] = self._new_actor(index)
+            if self.adapter[0] != 0:  # the fresh actor scores with the version the others serve
+                get(self.actors[index].load_adapter.remote(*self.adapter), self.call_timeout_s)
             self.replaced += 1
             return send(slot)
 
@@ -90,8 +97,26 @@ class TeacherPool:
         for s in summaries:
             for reason, count in s.skipped.items():
                 skipped[reason] = skipped.get(reason, 0) + count
+        versions = {s.teacher_version for s in summaries}
+        if versions != {self.adapter[0]}:
+            raise RuntimeError(f"teacher actors scored with adapter versions {sorted(versions)}, not the pool's "
+                               f"{self.adapter[0]}")
         return Scored(TableRefs(tuple(tables[slot] for slot in range(len(shares))), tuple(s.rows for s in summaries)),
-                      skipped, sum(s.tokens for s in summaries))
+                      skipped, sum(s.tokens for s in summaries), self.adapter[0])
+
+    # -- adapter versions (teacher.kind=ema) -------------------------------------------------------------------
+    def load_adapter(self, payload: AdapterPayload | None) -> None:
+        """Score with the base model plus ``payload`` (None: the base model, version 0) on every actor: one
+        ``ray.put``, every actor reads the same object. A bad adapter raises ``AdapterError``."""
+        version = payload.version if payload is not None else 0
+        ref = ray.put(payload) if payload is not None else None
+        get([actor.load_adapter.remote(version, ref) for actor in self.actors], self.call_timeout_s)
+        self.adapter = (version, ref)
+
+    @property
+    def version(self) -> int:
+        """The adapter version every actor scores with (0: the base model)."""
+        return self.adapter[0]
 
     def shutdown(self) -> None:
         kill_actors(self.actors)

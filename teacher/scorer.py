@@ -1,21 +1,25 @@
-"""TeacherScorer: the frozen initial model, shown the reference solution, scores every position of the student's trace.
+"""TeacherScorer: the initial model, shown the reference solution, scores every position of the student's trace.
 
     scorer = TeacherScorer("Qwen/Qwen3-1.7B", TeacherConfig(), temperature=1.1)
     result = scorer.score(rollout_table)        # rollout columns in, + teacher_topk_* / tail / token log-probs out
+    scorer.load_adapter(3, payload)             # teacher.kind=ema: score with the base + the learner's EMA adapter
 
-Packing, chunking and the columns it writes: docs/ARCHITECTURE.md ("The teacher").
+Packing, chunking, the columns it writes and the EMA teacher: docs/ARCHITECTURE.md ("The teacher").
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from opsd.adapter import AdapterError, AdapterPayload
 from opsd.hf import tokenizer_fingerprint
+from opsd.lora import VLLM_LORA_RANKS, AdapterTarget, check_mergeable, model_linear_shapes, validated_lora_weights
 from opsd.model import ModelSpec, as_model_spec, resolve_dtype
 from opsd.packing import pack_by_tokens
 from opsd.prompts import PromptBuilder, PromptConfig
@@ -35,13 +39,15 @@ class ScoreResult:
     truncated_rows: int = 0
     tokens: int = 0  # teacher tokens run through the model (contexts, unpadded)
     seconds: float = 0.0
+    teacher_version: int = 0  # the adapter version the teacher scored with (0: the base model)
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> ScoreSummary:
-        return ScoreSummary(self.table.num_rows, dict(self.skipped), self.truncated_rows, self.tokens, self.seconds)
+        return ScoreSummary(self.table.num_rows, dict(self.skipped), self.truncated_rows, self.tokens, self.seconds,
+                            self.teacher_version)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,11 @@ class ScoreSummary:
     truncated_rows: int
     tokens: int
     seconds: float
+    teacher_version: int = 0
+
+
+# PEFT config keys that shape the LoRA layers put on the teacher: later versions must keep them.
+_LORA_STRUCTURE = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_rslora")
 
 
 class TeacherScorer:
@@ -70,6 +81,7 @@ class TeacherScorer:
         from transformers import AutoModelForCausalLM
 
         model = as_model_spec(model)
+        self.model_spec = model
         self.config = config or TeacherConfig()
         self.config.validate()
         if not temperature > 0:
@@ -96,6 +108,74 @@ class TeacherScorer:
             top_k=self.config.top_k,
             temperature=self.temperature,
         )
+        self.adapter_version = 0  # 0: the base model
+        self._lora_structure: dict[str, Any] | None = None  # the PEFT config of the LoRA layers put on the model
+        self._target: AdapterTarget | None = None  # what adapters are checked against (built at the first load)
+
+    # -- adapter versions (teacher.kind=ema) ---------------------------------------------------------------------
+    def load_adapter(self, version: int, payload: AdapterPayload | None = None) -> None:
+        """Score with the base model plus adapter ``version`` from the next call on; version 0 (no payload) is the
+        base model. The first adapter puts LoRA layers on the model (PEFT's ``inject_adapter_in_model``, from the
+        payload's PEFT config); later versions write their weights into them. The payload is checked as the rollout
+        workers check theirs (``opsd.lora``): on any problem this raises :class:`AdapterError` and the previous
+        version stays."""
+        if version < 0:
+            raise AdapterError(f"adapter version must be >= 0, got {version}")
+        if version == 0:
+            if payload is not None:
+                raise AdapterError("adapter version 0 is the base model: it takes no payload")
+            self._enable_lora(False)
+            self.adapter_version = 0
+            return
+        if payload is None:
+            raise AdapterError(f"adapter version {version} needs a payload")
+        if payload.version != version:
+            raise AdapterError(f"load_adapter({version}) was given the payload of version {payload.version}")
+        if self._target is None:
+            spec = self.model_spec
+            self._target = AdapterTarget(spec.path, VLLM_LORA_RANKS[-1],
+                                         model_linear_shapes(spec.path, spec.revision, spec.trust_remote_code))
+        weights = validated_lora_weights(payload, self._target)
+        check_mergeable(payload)  # a plain LoRA: nothing PEFT would do to the base weights on loading
+        structure = {key: payload.config.get(key) for key in _LORA_STRUCTURE}
+        if self._lora_structure is None:
+            self._inject_lora(payload.config)
+            self._lora_structure = structure
+        elif structure != self._lora_structure:
+            changed = next(key for key in _LORA_STRUCTURE if structure[key] != self._lora_structure[key])
+            raise AdapterError(f"adapter version {version}: {changed}={structure[changed]!r} differs from the "
+                               f"teacher's LoRA layers ({self._lora_structure[changed]!r})")
+        layers = self._lora_layers()
+        differ = sorted(set(weights) ^ set(layers))
+        if differ:
+            raise AdapterError(f"adapter version {version}: its weights and its target_modules differ on {differ[0]!r} "
+                               "(a LoRA layer without weights, or weights without a layer)")
+        with torch.no_grad():
+            for name, layer in layers.items():
+                layer.lora_A["default"].weight.copy_(weights[name].a)
+                layer.lora_B["default"].weight.copy_(weights[name].b)
+        self._enable_lora(True)
+        self.adapter_version = version
+
+    def _inject_lora(self, peft_config: dict) -> None:
+        from peft import get_peft_config, inject_adapter_in_model
+
+        config = get_peft_config(dict(peft_config))
+        config.init_lora_weights = False  # the payload's weights are written next
+        config.inference_mode = True
+        inject_adapter_in_model(config, self.model, adapter_name="default")
+        self.model.eval()  # new layers start in train mode: no LoRA dropout when scoring
+        self._enable_lora(False)  # until a version's weights are written into them
+
+    def _lora_layers(self) -> dict[str, Any]:
+        from peft.tuners.lora import LoraLayer
+
+        return {name: module for name, module in self.model.named_modules() if isinstance(module, LoraLayer)}
+
+    def _enable_lora(self, enabled: bool) -> None:
+        for layer in self._lora_layers().values():
+            layer.enable_adapters(enabled)
+        self.model.requires_grad_(False)
 
     def score(self, table: pa.Table) -> ScoreResult:
         """Append the teacher columns to a rollout table. Refuses a table from another tokenizer before any work."""
@@ -130,6 +210,7 @@ class TeacherScorer:
             truncated_rows=plan.truncated_rows,
             tokens=sum(lengths),
             seconds=time.perf_counter() - start,
+            teacher_version=self.adapter_version,
         )
 
     def score_pieces(self, pieces: list[tuple[int, int, int]], *tables: pa.Table) -> tuple[pa.Table, ScoreSummary]:

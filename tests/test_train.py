@@ -172,3 +172,22 @@ def test_resume_without_a_checkpoint_fails_before_any_work(tmp_path, tiny_model_
     with pytest.raises(ConfigError, match="train.resume.*no checkpoint"):
         train(cfg)
     assert not (tmp_path / "fresh").exists()
+
+
+def test_an_ema_teacher_run_versions_its_teacher_and_resumes_it(tiny_model_dir, tmp_path):
+    """teacher.kind=ema end to end: after each applied step the teacher actors get the learner's EMA (step n is scored
+    by version n - 1), and a run resumed from a checkpoint loads the checkpoint's EMA on them: the same losses."""
+    from orchestrator.train import train
+
+    ema = ("teacher.kind=ema", "teacher.ema_decay=0.5", "learner.optim.lr=2e-2", "train.steps=3",
+           "train.heldout_rows=0")
+    lines: list[str] = []
+    with local_ray(num_cpus=4):
+        straight = read_metrics(train(tiny_config(tiny_model_dir, tmp_path / "straight", *ema), lines.append))
+        checkpoint = tmp_path / "straight" / "checkpoints" / "step-2"
+        resumed = read_metrics(train(tiny_config(tiny_model_dir, tmp_path / "resumed", *ema,
+                                                 f"train.resume={checkpoint}"), lines.append))
+    assert [r["teacher_version"] for r in straight] == [0, 1, 2]
+    assert [(r["step"], r["teacher_version"]) for r in resumed] == [(3, 2)]
+    assert resumed[0]["sample_ids"] == straight[2]["sample_ids"]
+    assert resumed[0]["loss"] == pytest.approx(straight[2]["loss"], rel=1e-4)
