@@ -27,6 +27,7 @@ from opsd.actors import get, kill_actors
 from opsd.adapter import AdapterPayload
 from opsd.atomic import atomic_directory
 from opsd.hf import tokenizer_fingerprint
+from opsd.manifest import write_manifest
 from opsd.model import ModelSpec, as_model_spec
 from opsd.prompts import PromptBuilder, PromptConfig
 from opsd.schema import TableMetadata
@@ -296,7 +297,8 @@ class LearnerGroup:
 
         ``client_state`` (JSON-serialisable) is stored with the learner state and, with the group's step and
         version, in ``client_state.json``: a resuming caller reads it (:func:`read_client_state`) before it starts
-        any actor."""
+        any actor. The directory's manifest (``opsd.manifest``: every file's size and SHA-256) is written last,
+        before the rename: a checkpoint directory exists complete and verifiable, or not at all."""
         state = {"group_step": self.step_count, "version": self.version, **(client_state or {})}
         with atomic_directory(directory, overwrite=True) as tmp:
             get([a.save_checkpoint.remote(str(tmp), state) for a in self.actors], self.timeout_s)
@@ -306,6 +308,7 @@ class LearnerGroup:
                                    "here; with learner ranks on several nodes, train.run_dir must be on storage "
                                    "every node shares (e.g. an NFS or cloud-bucket mount)")
             (tmp / CLIENT_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+            write_manifest(tmp)
         return Path(directory).resolve()
 
     def load_checkpoint(self, directory: str | Path) -> dict:

@@ -2,20 +2,19 @@
 
 ``train.keep_checkpoints = N`` keeps the newest N after each save; ``train.keep_best_checkpoint`` also keeps the one
 with the lowest held-out GJS (measured at its step). The newest is always kept: it is what ``train.resume=latest``
-continues from. Each checkpoint gets a manifest of its files' sizes and SHA-256, written last; a resume checks it,
-and ``latest`` falls back to the newest checkpoint that verifies.
+continues from. Each checkpoint holds a manifest of its files' sizes and SHA-256 (``opsd.manifest``, written last by
+the learner group, before the directory appears); a resume checks it, and ``latest`` falls back to the newest
+checkpoint that verifies.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from pathlib import Path
 from typing import Callable
 
-from opsd.atomic import write_text_atomic
 from opsd.errors import UserInputError
+from opsd.manifest import MANIFEST, verify, write_manifest  # noqa: F401 - the checkpoint manifest, re-exported
 
 PREFIX = "step-"
 
@@ -50,40 +49,6 @@ def prune(run_dir: str | Path, keep_last: int | None, heldout_gjs: dict[int, flo
 
 
 # -- integrity -------------------------------------------------------------------------------------------------------
-MANIFEST = "MANIFEST.json"
-
-
-def write_manifest(directory: str | Path) -> Path:
-    """Sizes and SHA-256 of every file of a written checkpoint, written last (atomically): a checkpoint without it
-    was never completed."""
-    directory = Path(directory)
-    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST}
-    return write_text_atomic(directory / MANIFEST, json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
-
-
-def verify(directory: str | Path) -> str | None:
-    """Why the checkpoint cannot be resumed from (naming the file), or None when every file matches its manifest."""
-    directory = Path(directory)
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return f"{manifest} is missing: the checkpoint was not completed"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"{manifest} is not a manifest ({exc})"
-    for name, expected in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{path} is missing"
-        size = path.stat().st_size
-        if size != expected["size"]:
-            return f"{path} has {size} bytes, the manifest says {expected['size']} (truncated or altered)"
-        if _sha256(path) != expected["sha256"]:
-            return f"{path} does not match its SHA-256 in the manifest (altered)"
-    return None
-
-
 def newest_valid(run_dir: str | Path, log: Callable[[str], None] = print) -> Path | None:
     """The newest checkpoint that verifies; each newer one that does not is reported and skipped."""
     for step in reversed(checkpoint_steps(run_dir)):
@@ -93,14 +58,6 @@ def newest_valid(run_dir: str | Path, log: Callable[[str], None] = print) -> Pat
             return directory
         log(f"opsd: warning: skipping checkpoint {directory.name}: {problem}")
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- a write that fails ----------------------------------------------------------------------------------------------

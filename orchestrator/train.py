@@ -261,7 +261,7 @@ def restore(stages: Stages, sampler: EpochSampler, resume: ResumePoint, progress
 
 def save_outputs(stages: Stages, cfg: OPSDConfig, done: int, after: AfterStep, adapter: AdapterPayload,
                  sampler: EpochSampler, in_flight: InFlight | None, progress: Progress, print_fn) -> None:
-    """The adapter directory and the checkpoint due after step ``done`` (its manifest written last; older ones pruned
+    """The adapter directory and the checkpoint due after step ``done`` (complete with its manifest; older ones pruned
     as configured). A write that fails (a full disk) stops the run, or with ``train.checkpoint_failure=warn`` is
     reported and the run goes on; the previous checkpoints are intact either way."""
     run_dir = Path(cfg.train.run_dir)
@@ -273,7 +273,6 @@ def save_outputs(stages: Stages, cfg: OPSDConfig, done: int, after: AfterStep, a
             target = checkpoints.checkpoint_dir(run_dir, done)
             cursor = in_flight.cursor if in_flight is not None else sampler.cursor
             stages.learner.save_checkpoint(target, {"cursor": cursor.__dict__, "heldout_gjs": progress.heldout_gjs})
-            checkpoints.write_manifest(target)
             checkpoints.prune(run_dir, cfg.train.keep_checkpoints,
                               progress.heldout_gjs if cfg.train.keep_best_checkpoint else None)
     except (OSError, ray.exceptions.RayTaskError) as exc:

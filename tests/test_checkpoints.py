@@ -55,7 +55,7 @@ def test_the_manifest_names_a_truncated_altered_or_missing_file(tmp_path):
     weights.unlink()
     assert "model_states.pt is missing" in checkpoints.verify(folder)
     (folder / checkpoints.MANIFEST).unlink()
-    assert "MANIFEST.json is missing: the checkpoint was not completed" in checkpoints.verify(folder)
+    assert "MANIFEST.json is missing: it was not completed" in checkpoints.verify(folder)
 
 
 def test_resume_latest_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):

@@ -107,7 +107,7 @@ def test_run_eval_on_an_already_started_rollout_pool(tiny_model_dir, adapter):
                             max_response_tokens=MAX_TOKENS)
     config = EvalConfig(sets=["gsm8k", "aime24"], limit=3, n=3, max_tokens=8, pass_k=[1, 2])
     with local_ray(num_cpus=2), Evaluator(config, load_tokenizer(str(tiny_model_dir))) as evaluator:
-        evaluator.check_prompts(None, 512)
+        evaluator.check_prompts(512)
         pool = RolloutPool(ModelSpec(str(tiny_model_dir)), rollout, max_lora_rank=8, call_timeout_s=300)
         try:
             first = evaluator.run(pool)

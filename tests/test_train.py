@@ -169,7 +169,7 @@ def test_resume_without_a_checkpoint_fails_before_any_work(tmp_path, tiny_model_
     from orchestrator.train import train
 
     cfg = tiny_config(tiny_model_dir, tmp_path / "fresh", "train.resume=latest")
-    with pytest.raises(ConfigError, match="train.resume.*no checkpoint"):
+    with pytest.raises(ConfigError, match="train.resume.*no complete checkpoint"):
         train(cfg)
     assert not (tmp_path / "fresh").exists()
 
