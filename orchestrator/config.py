@@ -224,6 +224,40 @@ class PlacementConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking besides metrics.jsonl: the config, every step's metrics, evaluations and the curves."""
+
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=list,
+        metadata={"doc": "Trackers to log to, any of tensorboard (event files in RUN_DIR/tensorboard), wandb "
+                  "(offline into RUN_DIR/wandb unless an API key is configured or WANDB_MODE is set) and mlflow "
+                  "(mlflow_tracking_uri, else MLFLOW_TRACKING_URI, else a SQLite store RUN_DIR/mlflow.db). Each "
+                  "needs its package: pip install 'opsd[tracking]'. []: metrics.jsonl only."},
+    )
+    project: str = field(
+        default="opsd", metadata={"doc": "W&B project and MLflow experiment the run is logged under."}
+    )
+    run_name: str | None = field(
+        default=None,
+        metadata={"doc": "The run's name in W&B and MLflow. None: the last component of train.run_dir."},
+    )
+    mlflow_tracking_uri: str | None = field(
+        default=None,
+        metadata={"doc": "MLflow tracking server or store URI. None: MLFLOW_TRACKING_URI if set, else "
+                  "sqlite:///RUN_DIR/mlflow.db with artifacts in RUN_DIR/mlartifacts."},
+    )
+
+    def validate(self) -> None:
+        for i, name in enumerate(self.backends):
+            check(name not in self.backends[:i], f"backends[{i}]", f"{name!r} is listed twice")
+        check(bool(self.project.strip()), "project", "must not be empty")
+        check(self.run_name is None or bool(self.run_name.strip()), "run_name",
+              "must be a name or null (the last component of train.run_dir)")
+        check(self.mlflow_tracking_uri is None or bool(self.mlflow_tracking_uri.strip()), "mlflow_tracking_uri",
+              "must be a URI or null (MLFLOW_TRACKING_URI, else a SQLite store in the run directory)")
+
+
+@dataclass
 class OPSDConfig:
     """One OPSD run."""
 
@@ -237,6 +271,8 @@ class OPSDConfig:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Training loop."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation on eval sets during training."})
     placement: PlacementConfig = field(default_factory=PlacementConfig, metadata={"doc": "Ray placement."})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig,
+                                     metadata={"doc": "Experiment tracking (TensorBoard, W&B, MLflow)."})
 
     def validate(self) -> None:
         # Sections have validated themselves; only rules that span sections belong here (keys are absolute).

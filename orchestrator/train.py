@@ -36,6 +36,7 @@ from orchestrator.accuracy import StudentAccuracy  # noqa: E402
 from orchestrator.placement import logical_cpus  # noqa: E402
 from orchestrator.sampler import Cursor, EpochSampler  # noqa: E402
 from orchestrator.stages import Stages  # noqa: E402
+from orchestrator.tracking import Trackers  # noqa: E402
 from rollout.pool import RolloutBatch, Rollouts  # noqa: E402
 from teacher.pool import Scored  # noqa: E402
 
@@ -191,13 +192,14 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     resume = find_resume_point(cfg, data.total_steps, print_fn)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
+    trackers = Trackers(cfg)  # tracking.backends: a package missing fails here, before Ray starts
     sampler, total_steps = data.sampler, data.total_steps
     print_fn(f"opsd: {data.description}; {total_steps} steps of {cfg.train.prompts_per_step} prompts; "
              f"loss {cfg.learner.loss.kind}; run dir {run_dir}")
     evaluator = evaluator_for(cfg)  # bad eval set files fail here, before Ray starts
     accuracy = StudentAccuracy() if cfg.train.student_accuracy else None
     progress = Progress()
-    with ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg)) as session:
+    with trackers, ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg)) as session:
         print_fn(f"opsd: Ray {session.where}" + (f"; dashboard {session.dashboard}" if session.dashboard else ""))
         stages = Stages.start(cfg, total_steps, log=print_fn)
         for note in ineffective_keys(cfg, on_cpu=stages.reservation.plan.on_cpu):
@@ -217,6 +219,7 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                          f"({heldout.num_rows} traces)")
             if evaluator is not None and resume is None:
                 progress.eval_sets[0] = run_eval_sets(evaluator, stages, 0, print_fn)
+            trackers.log_metrics(0, {"heldout_gjs": progress.heldout_gjs.get(0), **progress.eval_sets.get(0, {})})
             in_flight: InFlight | None = launch(stages, sampler)
             for step in range(first_step, total_steps):
                 after = AfterStep.of(step + 1, total_steps, cfg)
@@ -233,6 +236,7 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
                 if after.heldout:
                     progress.heldout_gjs[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(heldout)
                 sink.record(record)
+                trackers.log_metrics(record["step"], record)
                 print_fn(progress_line(record, total_steps))
                 save_outputs(stages, cfg, step + 1, after, result.adapter, sampler, in_flight, progress, print_fn)
         finally:
@@ -243,7 +247,7 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
             if accuracy is not None:
                 accuracy.close()
             stages.shutdown()
-    finish(run_dir, total_steps, stages.learner.version, progress, print_fn)
+        trackers.finish(finish(run_dir, total_steps, stages.learner.version, progress, print_fn))
     return run_dir
 
 
@@ -284,7 +288,7 @@ def save_outputs(stages: Stages, cfg: OPSDConfig, done: int, after: AfterStep, a
         print_fn(f"opsd: warning: {error} (train.checkpoint_failure=warn: the run goes on)")
 
 
-def finish(run_dir: Path, total_steps: int, version: int, progress: Progress, print_fn) -> None:
+def finish(run_dir: Path, total_steps: int, version: int, progress: Progress, print_fn) -> dict:
     throughput = run_throughput(read_metrics(run_dir))
     summary = {"steps": total_steps, "final_adapter_version": version, "run_dir": str(run_dir),
                "heldout_gjs": progress.heldout_gjs, "tokens_per_second": throughput, "eval": progress.eval_sets}
@@ -294,6 +298,7 @@ def finish(run_dir: Path, total_steps: int, version: int, progress: Progress, pr
         print_fn(f"opsd: held-out GJS {first:.5f} before, {final:.5f} after ({(final - first) / first:+.1%})")
     print_fn("opsd: tokens/s over the run: " + ", ".join(f"{stage} {rate:,.0f}" for stage, rate in throughput.items()))
     print_fn(f"opsd: run directory {run_dir.resolve()} (curves: opsd plot {run_dir})")
+    return summary
 
 
 def evaluator_for(cfg: OPSDConfig):

@@ -89,7 +89,8 @@ def first_run(tiny_model_dir, tmp_path_factory) -> Run:
 
         try:
             train(tiny_config(tiny_model_dir, run_dir, "eval.every=2", "eval.sets=[gsm8k]", "eval.limit=2",
-                              "eval.n=2", "eval.max_tokens=8", "eval.grade_processes=1"), print_fn=print_fn)
+                              "eval.n=2", "eval.max_tokens=8", "eval.grade_processes=1",
+                              "tracking.backends=[tensorboard]"), print_fn=print_fn)
         finally:
             scraper.stop.set()
             scraper.join(timeout=10)
@@ -133,6 +134,20 @@ def test_eval_set_evaluation_every_n_steps_is_logged(first_run):
     summary = json.loads((first_run.run_dir / "summary.json").read_text())
     assert set(summary["eval"]) == {"0", "2", "4"}  # the base model's score before training, then every 2 steps
     assert sum("opsd: eval after step" in line for line in first_run.lines) == 3
+
+
+def test_the_run_is_tracked_in_tensorboard(first_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    reader = EventAccumulator(str(first_run.run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    reader.Reload()
+    records = read_metrics(first_run.run_dir)
+    assert [(e.step, e.value) for e in reader.Scalars("loss")] == [
+        (r["step"], pytest.approx(r["loss"])) for r in records]
+    assert [e.step for e in reader.Scalars("heldout_gjs")] == [0, 4]  # before training and at the end
+    assert [e.step for e in reader.Scalars("eval/gsm8k/avg@2")] == [0, 2, 4]
+    assert {"_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(reader.PluginTagToContent("hparams"))
+    assert [e.step for e in reader.Images("curves")] == [4]
 
 
 def test_opsd_metrics_appear_at_the_ray_metrics_endpoint_during_the_run(first_run):
