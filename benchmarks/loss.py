@@ -2,6 +2,7 @@
 
     python benchmarks/loss.py                      # CPU, float32, V = 151,936, hidden = 2,048 (Qwen3-1.7B's head)
     python benchmarks/loss.py --device cuda --dtype bfloat16 --skip-real   # what benchmarks/gpu.sh runs
+    python benchmarks/loss.py --tiny               # small shapes on CPU, seconds
 
 Part 1, for T in {256, 1024, 2048} response tokens, forward + backward (gradient w.r.t. the student's hidden states;
 ``lm_head`` frozen, as under LoRA) from the same inputs (student and teacher hidden states, ``lm_head``):
@@ -11,6 +12,10 @@ Part 1, for T in {256, 1024, 2048} response tokens, forward + backward (gradient
   topk+tail  learner.loss.gjs_loss against the teacher's top-64 + tail (what crosses the network)
 Peak memory is the peak above the inputs: on CPU, each measurement runs in a fresh process and reads the kernel's
 high-water mark (VmHWM, reset after the inputs exist); on CUDA, torch.cuda.max_memory_allocated.
+MFU counts the loss's three GEMMs with V x H = lm_head, 2 FLOPs per multiply-add: the student's logits (2 T V H), the
+gradient w.r.t. the student's hidden states (2 T V H) and the teacher's logits (2 T V H; not for top-k+tail, whose
+teacher arrives compressed): 6 T V H (naive, fused) or 4 T V H (top-k+tail), over the time and the card's dense bf16
+peak (benchmarks/bench_model.py; none on CPU). The naive form's logsumexps, softmaxes and KLs are not counted.
 
 Part 2, on SmolLM2-135M-Instruct (imported offline from its GGUF): student traces sampled from GSM8K problems, the
 teacher's distribution along them (teacher context with the reference solution), and for k in {8, 32, 64, 256} the
@@ -36,6 +41,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # before this folder: its scripts must not shadow the packages
 
 from learner.loss import FullTeacher, TopKTeacher, gjs_loss  # noqa: E402
+
+sys.path.insert(1, str(REPO_ROOT / "benchmarks"))
+from bench_model import mfu_text, peak_flops  # noqa: E402
 
 BETA, TAU, TOP_K = 0.5, 1.0, 64
 
@@ -141,26 +149,33 @@ def measure(method, tokens, args) -> dict:
 
 
 def part_speed_memory(args) -> list[str]:
+    peak, peak_text = peak_flops(args.device, args.peak_tflops)
     lines = [
         f"Part 1: forward+backward, V={args.vocab:,}, hidden={args.hidden:,}, {args.dtype} on {args.device}, "
         f"beta={BETA}, tau={TAU}, fused chunk={args.chunk} positions, top-k k={TOP_K}",
         "",
-        "| T | method | time (s) | peak memory above inputs (MiB) | time vs naive | memory vs naive |",
-        "|---:|---|---:|---:|---:|---:|",
+        "FLOPs: the three GEMMs with lm_head (V x H): student logits 2 T V H + d loss / d hidden 2 T V H + teacher "
+        "logits 2 T V H = 6 T V H (naive, fused); 4 T V H (topk+tail: the teacher arrives as top-k + tail)",
+        f"MFU = FLOPs / (time x peak); peak = {peak_text}",
+        "",
+        "| T | method | time (s) | peak memory above inputs (MiB) | time vs naive | memory vs naive | TFLOP/s | MFU |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for tokens in args.tokens:
         results = {m: measure(m, tokens, args) for m in ("naive", "fused", "topk+tail")}
         naive = results["naive"]
         for method, r in results.items():
             if "error" in r:
-                lines.append(f"| {tokens} | {method} | - | {r['error']} | - | - |")
+                lines.append(f"| {tokens} | {method} | - | {r['error']} | - | - | - | - |")
                 continue
             if "error" in naive:
                 ratio_t = ratio_m = "naive failed"
             else:
                 ratio_t = f"{r['seconds'] / naive['seconds']:.2f}x"
                 ratio_m = f"{r['peak_bytes'] / naive['peak_bytes']:.3f}x"
-            lines.append(f"| {tokens} | {method} | {r['seconds']:.2f} | {r['peak_bytes'] / 2**20:,.0f} | {ratio_t} | {ratio_m} |")
+            flops = (4 if method == "topk+tail" else 6) * tokens * args.vocab * args.hidden
+            lines.append(f"| {tokens} | {method} | {r['seconds']:.4f} | {r['peak_bytes'] / 2**20:,.0f} | {ratio_t} | "
+                         f"{ratio_m} | {flops / r['seconds'] / 1e12:.3g} | {mfu_text(flops, r['seconds'], peak)} |")
         fused, naive_r = results["fused"], results["naive"]
         if "error" not in fused and "error" not in naive_r:
             assert abs(fused["loss"] - naive_r["loss"]) <= 1e-3 * abs(naive_r["loss"]) + 1e-5, (fused, naive_r)
@@ -245,9 +260,14 @@ def main() -> None:
     parser.add_argument("--real-rows", type=int, default=8)
     parser.add_argument("--real-tokens", type=int, default=128)
     parser.add_argument("--model-dir", default=str(REPO_ROOT / "models" / "smollm2-135m-instruct"))
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the card's peak for MFU (default: by name)")
     parser.add_argument("--out", default=None, help="also write the tables (Markdown) to this file")
+    parser.add_argument("--tiny", action="store_true", help="T = 64, V = 8,192, hidden = 64, no part 2: seconds "
+                                                            "(the script's own check)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tiny:
+        args.tokens, args.vocab, args.hidden, args.chunk, args.repeats, args.skip_real = [64], 8192, 64, 32, 1, True
 
     if args.one:
         method, tokens = args.one[0], int(args.one[1])
