@@ -323,13 +323,14 @@ def test_mlflow_with_a_server_does_not_need_the_local_store_packages(tmp_path, m
                     "tracking.mlflow_tracking_uri=http://mlflow.example:5000"))  # checked only, not started
 
 
-def test_train_fails_on_a_missing_package_before_ray_starts(tmp_path, monkeypatch):
+def test_train_fails_on_a_missing_package_before_ray_starts(tmp_path, monkeypatch, tiny_model_dir):
     import ray
 
     from orchestrator.train import train
 
     monkeypatch.setitem(sys.modules, "wandb", None)
-    cfg = config(tmp_path / "run", f"data.path={DATA}", "data.mapping=gsm8k", "tracking.backends=[tensorboard,wandb]")
+    cfg = config(tmp_path / "run", f"data.path={DATA}", "data.mapping=gsm8k", "tracking.backends=[tensorboard,wandb]",
+                 f"model.path={tiny_model_dir}")
     with pytest.raises(ConfigError, match=r"'wandb' needs the Python package 'wandb'"):
         train(cfg, print_fn=lambda line: None)
     assert not ray.is_initialized()
