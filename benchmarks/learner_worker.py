@@ -209,7 +209,7 @@ def plain_step(spec: Spec, config, plan, model_dir: str, device: str):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from learner.kinds import FrozenBase
+    from learner.kinds import LearnerTeacher
     from learner.loss import gjs_loss
     from loss import naive_gjs  # benchmarks/loss.py
     from opsd.model import resolve_dtype
@@ -236,7 +236,7 @@ def plain_step(spec: Spec, config, plan, model_dir: str, device: str):
         with torch.no_grad(), model.disable_adapter():
             return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    frozen = FrozenBase(teacher_hidden, lm_head)
+    frozen = LearnerTeacher(teacher_hidden, lm_head)
     total = plan.global_tokens
 
     def step():
