@@ -21,6 +21,15 @@ from rollout.pool import RolloutPool, Rollouts
 from teacher.pool import Scored, TeacherPool
 
 
+def new_learner_group(cfg: OPSDConfig, total_steps: int, reservation: Reservation) -> LearnerGroup:
+    return LearnerGroup(
+        cfg.model, cfg.learner, total_steps=total_steps, seed=cfg.train.seed, expected_top_k=cfg.teacher.top_k,
+        full_teacher=FullTeacherSettings(cfg.prompt, teacher_context_tokens(cfg), cfg.teacher.on_overlength),
+        ema_decay=cfg.teacher.ema_decay if cfg.teacher.kind == "ema" else None,
+        actor_options=reservation.stage_options("learner"), timeout_s=cfg.train.stage_timeout_s,
+    )
+
+
 def teacher_context_tokens(cfg: OPSDConfig) -> int:
     """The longest teacher context: teacher.max_context_tokens, else the model's own maximum (what the teacher
     actors use too), so the learner's in-process teacher applies the same length policy."""
@@ -52,13 +61,7 @@ class Stages:
                 teacher = TeacherPool(cfg.model, cfg.teacher, cfg.prompt, temperature=cfg.learner.loss.tau,
                                       actor_options=reservation.stage_options("teacher"),
                                       device="cpu" if plan.on_cpu else None, call_timeout_s=timeout, log=log)
-            learner = LearnerGroup(
-                cfg.model, cfg.learner, total_steps=total_steps, seed=cfg.train.seed, expected_top_k=cfg.teacher.top_k,
-                full_teacher=FullTeacherSettings(cfg.prompt, teacher_context_tokens(cfg),
-                                                 cfg.teacher.on_overlength),
-                ema_decay=cfg.teacher.ema_decay if cfg.teacher.kind == "ema" else None,
-                actor_options=reservation.stage_options("learner"), timeout_s=timeout,
-            )
+            learner = new_learner_group(cfg, total_steps, reservation)
         except BaseException:
             reservation.release()  # removing the placement groups kills every actor placed in them
             raise
@@ -75,6 +78,11 @@ class Stages:
         and on resume). The full-vocabulary kind's in-process teacher uses the learner's EMA itself."""
         if self.teacher is not None and self.learner.ema_decay is not None:
             self.teacher.load_adapter(self.learner.export_teacher_adapter())
+
+    def restart_learner(self, cfg: OPSDConfig, total_steps: int) -> None:
+        """A new learner group in the same bundles (its state comes from a checkpoint: the caller loads it)."""
+        self.learner.shutdown()
+        self.learner = new_learner_group(cfg, total_steps, self.reservation)
 
     @property
     def replaced(self) -> int:

@@ -362,3 +362,55 @@ def test_ray_job_stop_mid_step_ends_stopped_leaves_nothing_and_the_checkpoint_re
         assert any("resumed from" in line and f"step-{last}" in line for line in lines)
         assert ray.is_initialized()
     assert records_of(run_dir)[-1]["step"] == last + 1
+
+
+@pytest.mark.slow
+def test_a_learner_rank_killed_mid_run_is_rebuilt_and_the_run_ends_as_if_nothing_happened(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import sys
+
+    import psutil
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from local_ray import local_ray
+
+    from orchestrator.config import load_config
+    from orchestrator.train import train
+
+    def config(run_dir: Path):
+        return load_config(REPO_ROOT / "recipes" / "tiny-cpu.yaml", train_args(tiny_model_dir, run_dir, "train.steps=4")
+                           [2:] + ["train.checkpoint_every=2"])
+
+    killed: list[int] = []
+
+    def kill_a_learner_rank(line: str) -> None:
+        lines.append(line)
+        if line.startswith("step 3/") and not killed:  # step 4 will find its learner dead
+            for process in psutil.process_iter(["cmdline"]):
+                if "LearnerRank" in " ".join(process.info["cmdline"] or []):
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed.append(process.pid)
+
+    lines: list[str] = []
+    with local_ray(num_cpus=4):
+        train(config(tmp_path / "straight"), print_fn=lambda line: None)
+        train(config(tmp_path / "killed"), print_fn=kill_a_learner_rank)
+    assert killed
+    assert any("a learner rank died" in line and "continues from step 2" in line for line in lines)
+    straight, again = records_of(tmp_path / "straight"), records_of(tmp_path / "killed")
+    assert [r["step"] for r in again] == [1, 2, 3, 4]  # one record per step
+    assert again[-1]["learner_restarts"] == 1
+    for a, b in zip(again, straight):
+        assert a["sample_ids"] == b["sample_ids"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-12)
+    final = {name: load_file(tmp_path / name / "adapters" / "v4" / "adapter_model.safetensors")
+             for name in ("straight", "killed")}
+    for key, tensor in final["straight"].items():
+        torch_close(final["killed"][key], tensor, atol=1e-6)
+
+
+def torch_close(a, b, atol: float) -> None:
+    import torch
+
+    torch.testing.assert_close(a, b, rtol=0, atol=atol)
