@@ -59,6 +59,7 @@ class RolloutBatch:
     prompts: PromptConfig | None
     tables: list[ray.ObjectRef]
     summaries: list[ray.ObjectRef]
+    adapter: tuple[int, ray.ObjectRef | None] = (0, None)  # the version the batch was launched on
 
     @property
     def num_rows(self) -> int:
@@ -106,7 +107,7 @@ class RolloutPool:
     def launch(self, problems: pa.Table, sampling: Sampling | None = None,
                prompts: PromptConfig | None = None) -> RolloutBatch:
         """Start generating: the run's sampling and prompts, or a call's own (evaluation)."""
-        batch = RolloutBatch(shard_rows(problems, len(self.actors)), sampling, prompts, [], [])
+        batch = RolloutBatch(shard_rows(problems, len(self.actors)), sampling, prompts, [], [], self.adapter)
         for actor, shard in zip(self.actors, batch.shards):
             table, summary = actor.generate_shard.options(num_returns=2).remote(shard, sampling, prompts)
             batch.tables.append(table)
@@ -117,9 +118,14 @@ class RolloutPool:
         """The batch's shards, in order; a worker that died or did not answer within ``timeout_s`` (default: the
         pool's call timeout) is replaced and its shard generated again."""
         def redo(i: int) -> ray.ObjectRef:
-            self._replace(i)
-            batch.tables[i], batch.summaries[i] = self.actors[i].generate_shard.options(num_returns=2).remote(
+            self._replace(i)  # serves the current version
+            actor, stale = self.actors[i], batch.adapter[0] != self.adapter[0]
+            if stale:  # launched before the last push (max_staleness 1): the shard is redone on its own version
+                actor.load_adapter.remote(*batch.adapter)  # an actor runs one caller's calls in order
+            batch.tables[i], batch.summaries[i] = actor.generate_shard.options(num_returns=2).remote(
                 batch.shards[i], batch.sampling, batch.prompts)
+            if stale:
+                actor.load_adapter.remote(*self.adapter)
             return batch.summaries[i]
 
         summaries = gather_shards(batch.summaries, redo, timeout_s=timeout_s or self.call_timeout_s,

@@ -414,3 +414,45 @@ def torch_close(a, b, atol: float) -> None:
     import torch
 
     torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+@pytest.mark.slow
+def test_a_shard_redone_after_a_push_is_sampled_on_its_batchs_version(tiny_model_dir, tmp_path):
+    """max_staleness 1: a batch launched on adapter n, then adapter n+1 pushed, then a worker dies: its shard is
+    redone on version n, like the rest of the batch, and the fresh worker serves n+1 afterwards."""
+    import sys
+
+    import pyarrow as pa
+    import ray
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from local_ray import local_ray
+    from rollout_reference import make_lora_adapter
+
+    from opsd.adapter import read_adapter_dir
+    from opsd.data import load_problems
+    from opsd.model import ModelSpec
+    from opsd.schema import PROBLEM_SCHEMA, sample_id
+    from rollout.config import RolloutConfig
+    from rollout.pool import RolloutPool
+
+    adapter = read_adapter_dir(make_lora_adapter(tiny_model_dir, tmp_path / "v1", rank=8, seed=1), version=1)
+    rows, _ = load_problems(DATA, "gsm8k")
+    problems = pa.table({"sample_id": [sample_id(r, 0, 0) for r in rows.column("id").to_pylist()[:4]],
+                         "problem": rows.column("problem").to_pylist()[:4], "solution": [None] * 4,
+                         "answer": [None] * 4}, schema=PROBLEM_SCHEMA)
+    config = RolloutConfig(num_workers=2, gpus_per_worker=0, cpu_threads_per_worker=1, cpu_kv_cache_gib=0.25,
+                           max_model_len=512, max_response_tokens=32, temperature=1.0)
+    with local_ray(num_cpus=2):
+        pool = RolloutPool(ModelSpec(str(tiny_model_dir)), config, max_lora_rank=8, call_timeout_s=300,
+                           log=lambda line: None)
+        try:
+            batch = pool.launch(problems)  # on the base model, v0
+            ray.kill(pool.actors[1])  # dies while its shard samples
+            pool.load_adapter(adapter)  # v1 pushed (the dead worker's replacement loads it) before the collect
+            rollouts = pool.collect(batch)
+            assert pool.replaced == 2 and set(rollouts.summary.policy_versions) == {0}
+            after = pool.collect(pool.launch(problems))
+            assert set(after.summary.policy_versions) == {1}
+        finally:
+            pool.shutdown()
