@@ -23,7 +23,7 @@ import ray
 from learner.batch import StepPlan, plan_step, rows_from_table
 from learner.config import LearnerConfig
 from learner.worker import LearnerWorker, StepMetrics, free_port, rng_state_path
-from opsd.actors import get, kill_actors
+from opsd.actors import ProcessSetup, get, kill_actors, set_up_first
 from opsd.adapter import AdapterPayload
 from opsd.atomic import atomic_directory
 from opsd.hf import tokenizer_fingerprint
@@ -195,7 +195,7 @@ class LearnerRank:
         return self.worker.load_checkpoint(directory)
 
 
-LearnerActor = ray.remote(LearnerRank)
+LearnerActor = ray.remote(set_up_first(LearnerRank))
 
 
 class LearnerGroup:
@@ -214,10 +214,13 @@ class LearnerGroup:
         ema_decay: float | None = None,
         actor_options: dict | Sequence[dict] | None = None,
         timeout_s: float = 3600.0,
+        log_dir: str | None = None,
+        torch_threads: int | None = None,
     ):
         """``ema_decay``: keep an EMA of the LoRA weights as the teacher (``teacher.kind=ema``): the in-process
         teacher of the full-vocabulary kind runs it, :meth:`export_teacher_adapter` gives it to teacher actors.
-        None: the teacher is the frozen base model."""
+        None: the teacher is the frozen base model. ``log_dir``: each rank's output goes to
+        ``log_dir/learner-<rank>.log``; ``torch_threads``: its CPU threads (default: one per reserved CPU)."""
         config.validate()
         self.model, self.config, self.timeout_s = as_model_spec(model), config, timeout_s
         self.ema_decay = ema_decay
@@ -225,7 +228,8 @@ class LearnerGroup:
         self.step_count = 0
         n = config.num_workers
         options = list(actor_options) if isinstance(actor_options, (list, tuple)) else [dict(actor_options or {})] * n
-        self.actors = [LearnerActor.options(**options[r]).remote() for r in range(n)]
+        self.actors = [LearnerActor.options(**options[r]).remote(process=ProcessSetup(
+            f"{log_dir}/learner-{r}.log" if log_dir else None, torch_threads)) for r in range(n)]
         address, port = get(self.actors[0].address.remote(), timeout_s)
         setup = RankSetup(self.model, config, n, address, port, total_steps, seed, expected_top_k,
                           full_teacher or FullTeacherSettings(), ema_decay)

@@ -184,8 +184,9 @@ class Progress:
     eval_sets: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
-def train(cfg: OPSDConfig, print_fn=print) -> Path:
-    """Run the whole training job; returns the run directory."""
+def train(cfg: OPSDConfig, print_fn=print, verbose: bool = False) -> Path:
+    """Run the whole training job; returns the run directory. The terminal shows the plan, one line per step, the
+    warnings and the summary; every actor's output goes to ``RUN_DIR/logs/`` (``verbose``: to the terminal too)."""
     run_dir = Path(cfg.train.run_dir)
     cfg.model.check()  # a model or tokenizer that cannot load fails here, before the data and any actor
     data = prepare_data(cfg)
@@ -199,9 +200,11 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     evaluator = evaluator_for(cfg)  # bad eval set files fail here, before Ray starts
     accuracy = StudentAccuracy() if cfg.train.student_accuracy else None
     progress = Progress()
-    with trackers, ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg)) as session:
-        print_fn(f"opsd: Ray {session.where}" + (f"; dashboard {session.dashboard}" if session.dashboard else ""))
-        stages = Stages.start(cfg, total_steps, log=print_fn)
+    log_dir = None if verbose else str(run_dir / "logs")
+    with trackers, ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg), log_to_driver=verbose) as session:
+        print_fn(f"opsd: Ray {session.where}" + (f"; dashboard {session.dashboard}" if session.dashboard else "")
+                 + (f"; actor logs in {log_dir}" if log_dir else ""))
+        stages = Stages.start(cfg, total_steps, log=print_fn, log_dir=log_dir)
         for note in ineffective_keys(cfg, on_cpu=stages.reservation.plan.on_cpu):
             print_fn(f"opsd: warning: {note}")
         loop = None
@@ -258,6 +261,8 @@ class Loop:
     print_fn: Callable[[str], None]
     in_flight: InFlight | None = None
     learner_restarts: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    steps_done: int = 0  # in this process (the ETA's rate)
 
 
 def run_step(loop: Loop, step: int) -> None:
@@ -281,7 +286,9 @@ def run_step(loop: Loop, step: int) -> None:
         loop.progress.heldout_gjs[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(loop.heldout)
     loop.sink.record(record)
     loop.trackers.log_metrics(record["step"], record)
-    loop.print_fn(progress_line(record, loop.total_steps))
+    loop.steps_done += 1
+    rate = (time.perf_counter() - loop.started) / loop.steps_done
+    loop.print_fn(progress_line(record, loop.total_steps, eta_s=rate * (loop.total_steps - step - 1)))
     save_outputs(stages, cfg, step + 1, after, result.adapter, sampler, loop.in_flight, loop.progress, loop.print_fn)
 
 
@@ -423,21 +430,29 @@ def step_record(step: int, sampler: EpochSampler, result: StepResult, adapter_ve
     return record
 
 
-def progress_line(r: dict, total_steps: int) -> str:
+def progress_line(r: dict, total_steps: int, eta_s: float | None = None) -> str:
     accuracy = r.get("student_accuracy")
     return (f"step {r['step']}/{total_steps} | loss {r['loss']:.5f} | gjs {r['gjs']:.5f} | "
             + (f"acc {accuracy:.2f} | " if isinstance(accuracy, float) and accuracy == accuracy else "")
             + f"tok/s rollout {r['tokens_per_second/rollout']:,.0f} teacher {r['tokens_per_second/teacher']:,.0f} "
             f"learner {r['tokens_per_second/learner']:,.0f} | {r['step_seconds']:.1f} s"
+            + (f" | ETA {_duration(eta_s)}" if eta_s is not None and r["step"] < total_steps else "")
             + (f" | skipped: {r['skip_reason']}" if r["skipped"] else ""))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="opsd train", description="Train with OPSD (see orchestrator/train.py).")
     parser.add_argument("--config", default=None, help="YAML config (recipes/ has examples)")
+    parser.add_argument("--verbose", action="store_true", help="show every actor's output in the terminal too")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    train(load_config(args.config, args.overrides))
+    train(load_config(args.config, args.overrides), verbose=args.verbose)
     return 0
 
 

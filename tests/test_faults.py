@@ -456,3 +456,18 @@ def test_a_shard_redone_after_a_push_is_sampled_on_its_batchs_version(tiny_model
             assert set(after.summary.policy_versions) == {1}
         finally:
             pool.shutdown()
+
+
+@pytest.mark.slow
+def test_an_error_raised_in_an_actor_reaches_the_terminal_with_its_message(tiny_model_dir, tmp_path, capsys):
+    """The actors' output goes to RUN_DIR/logs, but an error they raise still ends the run with its own message."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from local_ray import local_ray
+
+    with local_ray(num_cpus=4):
+        code = main(["train", *train_args(tiny_model_dir, tmp_path / "run", "rollout.max_model_len=64")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (the test's own cluster logs its start before it)
+    assert code == 2 and err.startswith("opsd: error: ") and "student prompt(s) too long for the rollout engine" in err
+    assert "Traceback" not in capsys.readouterr().err
