@@ -23,7 +23,7 @@ import ray
 from learner.batch import StepPlan, plan_step, rows_from_table
 from learner.config import LearnerConfig
 from learner.worker import LearnerWorker, StepMetrics, free_port, rng_state_path
-from opsd.actors import get, kill_actors
+from opsd.actors import ProcessSetup, get, kill_actors, set_up_first
 from opsd.adapter import AdapterPayload
 from opsd.atomic import atomic_directory
 from opsd.hf import tokenizer_fingerprint
@@ -110,6 +110,10 @@ class GroupStepMetrics:
         return dict(self.__dict__)
 
 
+class LearnerLost(RuntimeError):
+    """A learner rank died: the group cannot step any more (every rank's state is needed)."""
+
+
 class LearnerRank:
     """One rank, as a Ray actor: its address for the rendezvous, then a ``LearnerWorker`` built in place. It reads,
     checks and splits each step's table itself."""
@@ -191,7 +195,7 @@ class LearnerRank:
         return self.worker.load_checkpoint(directory)
 
 
-LearnerActor = ray.remote(LearnerRank)
+LearnerActor = ray.remote(set_up_first(LearnerRank))
 
 
 class LearnerGroup:
@@ -210,10 +214,13 @@ class LearnerGroup:
         ema_decay: float | None = None,
         actor_options: dict | Sequence[dict] | None = None,
         timeout_s: float = 3600.0,
+        log_dir: str | None = None,
+        torch_threads: int | None = None,
     ):
         """``ema_decay``: keep an EMA of the LoRA weights as the teacher (``teacher.kind=ema``): the in-process
         teacher of the full-vocabulary kind runs it, :meth:`export_teacher_adapter` gives it to teacher actors.
-        None: the teacher is the frozen base model."""
+        None: the teacher is the frozen base model. ``log_dir``: each rank's output goes to
+        ``log_dir/learner-<rank>.log``; ``torch_threads``: its CPU threads (default: one per reserved CPU)."""
         config.validate()
         self.model, self.config, self.timeout_s = as_model_spec(model), config, timeout_s
         self.ema_decay = ema_decay
@@ -221,11 +228,20 @@ class LearnerGroup:
         self.step_count = 0
         n = config.num_workers
         options = list(actor_options) if isinstance(actor_options, (list, tuple)) else [dict(actor_options or {})] * n
-        self.actors = [LearnerActor.options(**options[r]).remote() for r in range(n)]
+        self.actors = [LearnerActor.options(**options[r]).remote(process=ProcessSetup(
+            f"{log_dir}/learner-{r}.log" if log_dir else None, torch_threads)) for r in range(n)]
         address, port = get(self.actors[0].address.remote(), timeout_s)
         setup = RankSetup(self.model, config, n, address, port, total_steps, seed, expected_top_k,
                           full_teacher or FullTeacherSettings(), ema_decay)
         get([a.setup.remote(r, setup) for r, a in enumerate(self.actors)], timeout_s)
+
+    def _get(self, refs):
+        """The ranks' results; a rank that died (process killed, OOM, node lost) raises :class:`LearnerLost`: its
+        optimizer shard is gone, so the group must be rebuilt from a checkpoint (the training loop does)."""
+        try:
+            return get(refs, self.timeout_s)
+        except ray.exceptions.RayActorError as exc:
+            raise LearnerLost(f"a learner rank died ({type(exc).__name__}); the group's state is lost") from exc
 
     def _refs(self, tables: pa.Table | TableRefs) -> tuple:
         return (tables if isinstance(tables, TableRefs) else TableRefs.put(tables)).refs
@@ -234,7 +250,7 @@ class LearnerGroup:
         """One optimizer step on the step table (refs from the previous stage, or a table in this process)."""
         start = time.perf_counter()
         refs = self._refs(tables)
-        steps: list[RankStep] = get([a.train_step.remote(self.version, *refs) for a in self.actors], self.timeout_s)
+        steps: list[RankStep] = self._get([a.train_step.remote(self.version, *refs) for a in self.actors])
         first = steps[0]
         staleness = first.staleness or [0]
         base = dict(step=self.step_count, rows=first.rows, staleness_mean=sum(staleness) / len(staleness),
@@ -269,12 +285,12 @@ class LearnerGroup:
         The full-vocabulary kind's teacher here is always the frozen base, whatever the training teacher: the same
         yardstick as a held-out table the teacher actors scored once, before training."""
         refs = self._refs(tables)
-        results = get([a.evaluate.remote(*refs) for a in self.actors], self.timeout_s)
+        results = self._get([a.evaluate.remote(*refs) for a in self.actors])
         return sum(total for total, _ in results) / max(results[0][1], 1)
 
     # ------------------------------------------------------------------------------------------------------------
     def export_adapter(self, version: int | None = None) -> AdapterPayload:
-        payloads = get([a.export_adapter.remote(version or self.version) for a in self.actors], self.timeout_s)
+        payloads = self._get([a.export_adapter.remote(version or self.version) for a in self.actors])
         return payloads[0]
 
     def export_teacher_adapter(self) -> AdapterPayload | None:
@@ -283,14 +299,14 @@ class LearnerGroup:
         Every rank holds the same EMA: rank 0 answers."""
         if self.ema_decay is None:
             raise ValueError("this learner group keeps no EMA teacher (ema_decay is None)")
-        return get(self.actors[0].export_teacher_adapter.remote(), self.timeout_s)
+        return self._get(self.actors[0].export_teacher_adapter.remote())
 
     def logits(self, input_ids: list[list[int]]):
-        return get([a.logits.remote(input_ids) for a in self.actors], self.timeout_s)[0]
+        return self._get([a.logits.remote(input_ids) for a in self.actors])[0]
 
     def trainable_parameters(self) -> dict:
         # Gathering ZeRO-partitioned parameters is a collective: every rank takes part.
-        return get([a.trainable_parameters.remote() for a in self.actors], self.timeout_s)[0]
+        return self._get([a.trainable_parameters.remote() for a in self.actors])[0]
 
     def save_checkpoint(self, directory: str | Path, client_state: dict | None = None) -> Path:
         """Every rank writes into a temporary sibling directory; it is renamed into place once all are done.
@@ -301,7 +317,7 @@ class LearnerGroup:
         before the rename: a checkpoint directory exists complete and verifiable, or not at all."""
         state = {"group_step": self.step_count, "version": self.version, **(client_state or {})}
         with atomic_directory(directory, overwrite=True) as tmp:
-            get([a.save_checkpoint.remote(str(tmp), state) for a in self.actors], self.timeout_s)
+            self._get([a.save_checkpoint.remote(str(tmp), state) for a in self.actors])
             missing = [r for r in range(len(self.actors)) if not rng_state_path(tmp, r).is_file()]
             if missing:  # ranks on other nodes wrote to their own disks: this checkpoint could never be resumed
                 raise RuntimeError(f"checkpoint {directory}: the files of learner ranks {missing} are not visible "
@@ -312,7 +328,7 @@ class LearnerGroup:
         return Path(directory).resolve()
 
     def load_checkpoint(self, directory: str | Path) -> dict:
-        states = get([a.load_checkpoint.remote(str(directory)) for a in self.actors], self.timeout_s)
+        states = self._get([a.load_checkpoint.remote(str(directory)) for a in self.actors])
         self.step_count, self.version = states[0]["group_step"], states[0]["version"]
         return states[0]
 

@@ -10,6 +10,7 @@ doubled. An exception raised *inside* a task (bad input, a bug) is not a death a
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from opsd.errors import UserInputError
@@ -66,3 +67,51 @@ def kill_actors(actors: Sequence[Any]) -> None:
 
     for actor in actors:
         ray.kill(actor, no_restart=True)
+
+
+# -- the actor's process ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProcessSetup:
+    """How a stage actor's process is set up before its class is built: where its output goes (one file per actor,
+    so the driver's terminal shows progress, not every engine's logs) and how many threads torch may use (on CPU,
+    a stage that runs alone may use every core)."""
+
+    log_file: str | None = None
+    torch_threads: int | None = None
+
+    def apply(self) -> None:
+        if self.log_file is not None:
+            redirect_output(self.log_file)
+        if self.torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+
+
+def redirect_output(path: str) -> None:
+    """Send this process's stdout and stderr (file descriptors 1 and 2: C extensions' output too) to ``path``."""
+    import os
+    import sys
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def set_up_first(cls: type) -> type:
+    """``cls`` taking one more keyword, ``process: ProcessSetup``, applied before ``cls.__init__`` runs (the class
+    stays usable without it, and keeps its name: Ray names the actor's process after it)."""
+
+    class Actor(cls):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, process: ProcessSetup | None = None, **kwargs):
+            if process is not None:
+                process.apply()
+            super().__init__(*args, **kwargs)
+
+    Actor.__name__ = Actor.__qualname__ = cls.__name__
+    Actor.__doc__ = cls.__doc__
+    return Actor

@@ -117,7 +117,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.train import train
 
-    run_dir = train(load_config(args.config, args.overrides))
+    run_dir = train(load_config(args.config, args.overrides), verbose=args.verbose)
     print(f"opsd: done; outputs in {run_dir}")
     return 0
 
@@ -256,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cpus-per-node", type=float, default=None, help="CPUs per node (default: this machine's)")
     plan.set_defaults(func=_cmd_plan)
 
-    with_config(commands.add_parser("train", help="train with OPSD on Ray")).set_defaults(func=_cmd_train)
+    train_parser = with_config(commands.add_parser("train", help="train with OPSD on Ray"))
+    train_parser.add_argument("--verbose", action="store_true",
+                              help="show every actor's output in the terminal too (always in RUN_DIR/logs/)")
+    train_parser.set_defaults(func=_cmd_train)
 
     _add_eval_parser(commands)
     _add_export_parser(commands)

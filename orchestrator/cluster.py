@@ -29,19 +29,21 @@ class RaySession:
 
 
 @contextmanager
-def ray_session(address: str | None, *, num_cpus: int, dashboard: bool = True) -> Iterator[RaySession]:
+def ray_session(address: str | None, *, num_cpus: int, dashboard: bool = True,
+                log_to_driver: bool = True) -> Iterator[RaySession]:
     """The caller's Ray (``existing``: a test, a notebook), the cluster at ``address`` / ``RAY_ADDRESS``, or an
     embedded one (a local Ray on 127.0.0.1 with ``num_cpus`` logical CPUs; its dashboard on 127.0.0.1 when
-    ``dashboard``). A cluster this call started or joined is left (shut down for an embedded one) on exit."""
+    ``dashboard``). A cluster this call started or joined is left (shut down for an embedded one) on exit.
+    ``log_to_driver`` False: the actors' output is not copied to this process's terminal."""
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         yield RaySession("existing", None)
         return
     if address:
-        context = ray.init(address=address)
+        context = ray.init(address=address, log_to_driver=log_to_driver)
     else:
         context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                           dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1")
+                           dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=log_to_driver)
     url = getattr(context, "dashboard_url", None)
     previous = _exit_on_sigterm() if not address else None
     watchdog = _watchdog() if not address else None

@@ -140,6 +140,12 @@ class TrainConfig:
                   "directory. The learner state, the data cursor and the step count are restored; the rollout "
                   "workers get the checkpoint's adapter. None: start from the base model."},
     )
+    learner_restarts: int = field(
+        default=2,
+        metadata={"doc": "Times a run rebuilds its learner group after a rank dies (its state comes from the newest "
+                  "checkpoint that verifies, or the start; the steps since are trained again with the same rows "
+                  "and seeds). Past that the run stops. 0: a dead rank stops the run."},
+    )
     student_accuracy: bool = field(
         default=True,
         metadata={"doc": "Grade each training trace's final answer (its last \\boxed{}) against its problem's "
@@ -167,6 +173,7 @@ class TrainConfig:
               f"must be >= 1 or null, got {self.keep_checkpoints}")
         check(self.heldout_every >= 0, "heldout_every", f"must be >= 0 (0 is off), got {self.heldout_every}")
         check(self.heldout_rows >= 0, "heldout_rows", f"must be >= 0 (0 is off), got {self.heldout_rows}")
+        check(self.learner_restarts >= 0, "learner_restarts", f"must be >= 0, got {self.learner_restarts}")
         check(self.stage_timeout_s > 0, "stage_timeout_s", f"must be > 0, got {self.stage_timeout_s}")
         check(
             self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0 (0 is off), got {self.checkpoint_every}"

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +20,26 @@ from orchestrator.config import OPSDConfig
 from orchestrator.placement import ClusterView, Reservation, ResourcePlan, reserve
 from rollout.pool import RolloutPool, Rollouts
 from teacher.pool import Scored, TeacherPool
+
+
+def new_learner_group(cfg: OPSDConfig, total_steps: int, reservation: Reservation,
+                      log_dir: str | None = None) -> LearnerGroup:
+    return LearnerGroup(
+        cfg.model, cfg.learner, total_steps=total_steps, seed=cfg.train.seed, expected_top_k=cfg.teacher.top_k,
+        full_teacher=FullTeacherSettings(cfg.prompt, teacher_context_tokens(cfg), cfg.teacher.on_overlength),
+        ema_decay=cfg.teacher.ema_decay if cfg.teacher.kind == "ema" else None,
+        actor_options=reservation.stage_options("learner"), timeout_s=cfg.train.stage_timeout_s,
+        log_dir=log_dir, torch_threads=cpu_threads(cfg, reservation.plan, "learner"),
+    )
+
+
+def cpu_threads(cfg: OPSDConfig, plan: ResourcePlan, stage: str) -> int | None:
+    """On CPU with max_staleness 0 the stages run one after another: each actor of the stage running may use its
+    share of every core, not just the one CPU its bundle reserves. None elsewhere (GPU, or overlapping stages)."""
+    if not plan.on_cpu or cfg.train.max_staleness != 0:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, plan.num_actors(stage)))
 
 
 def teacher_context_tokens(cfg: OPSDConfig) -> int:
@@ -33,11 +54,14 @@ class Stages:
     teacher: TeacherPool | None  # None when the loss kind runs the teacher inside the learner
     learner: LearnerGroup
     reservation: Reservation
+    log_dir: str | None = None
 
     @classmethod
-    def start(cls, cfg: OPSDConfig, total_steps: int, log: Callable[[str], None] = print) -> Stages:
+    def start(cls, cfg: OPSDConfig, total_steps: int, log: Callable[[str], None] = print,
+              log_dir: str | None = None) -> Stages:
         """Reserve the plan's placement groups (bounded by ``placement.placement_timeout_s``), then start every
-        pool's actors in their bundles (each call bounded by ``train.stage_timeout_s``)."""
+        pool's actors in their bundles (each call bounded by ``train.stage_timeout_s``). ``log_dir``: every
+        actor's output goes to a file of its own there."""
         plan = ResourcePlan.from_config(cfg, ClusterView.current())
         log(plan.describe())
         reservation = reserve(plan, timeout_s=cfg.placement.placement_timeout_s,
@@ -46,23 +70,18 @@ class Stages:
         try:
             rollout = RolloutPool(cfg.model, cfg.rollout, cfg.prompt, actor_options=reservation.stage_options("rollout"),
                                   max_lora_rank=engine_lora_rank(cfg.learner.lora.rank), call_timeout_s=timeout,
-                                  log=log)
+                                  log=log, log_dir=log_dir)
             teacher = None
             if plan.num_actors("teacher"):
                 teacher = TeacherPool(cfg.model, cfg.teacher, cfg.prompt, temperature=cfg.learner.loss.tau,
                                       actor_options=reservation.stage_options("teacher"),
-                                      device="cpu" if plan.on_cpu else None, call_timeout_s=timeout, log=log)
-            learner = LearnerGroup(
-                cfg.model, cfg.learner, total_steps=total_steps, seed=cfg.train.seed, expected_top_k=cfg.teacher.top_k,
-                full_teacher=FullTeacherSettings(cfg.prompt, teacher_context_tokens(cfg),
-                                                 cfg.teacher.on_overlength),
-                ema_decay=cfg.teacher.ema_decay if cfg.teacher.kind == "ema" else None,
-                actor_options=reservation.stage_options("learner"), timeout_s=timeout,
-            )
+                                      device="cpu" if plan.on_cpu else None, call_timeout_s=timeout, log=log,
+                                      log_dir=log_dir, torch_threads=cpu_threads(cfg, plan, "teacher"))
+            learner = new_learner_group(cfg, total_steps, reservation, log_dir)
         except BaseException:
             reservation.release()  # removing the placement groups kills every actor placed in them
             raise
-        return cls(rollout, teacher, learner, reservation)
+        return cls(rollout, teacher, learner, reservation, log_dir)
 
     def score(self, rollouts: Rollouts) -> Scored:
         """The teacher's columns for the rollouts, or the rollouts as they are when the learner is the teacher."""
@@ -75,6 +94,11 @@ class Stages:
         and on resume). The full-vocabulary kind's in-process teacher uses the learner's EMA itself."""
         if self.teacher is not None and self.learner.ema_decay is not None:
             self.teacher.load_adapter(self.learner.export_teacher_adapter())
+
+    def restart_learner(self, cfg: OPSDConfig, total_steps: int) -> None:
+        """A new learner group in the same bundles (its state comes from a checkpoint: the caller loads it)."""
+        self.learner.shutdown()
+        self.learner = new_learner_group(cfg, total_steps, self.reservation, self.log_dir)
 
     @property
     def replaced(self) -> int:

@@ -17,14 +17,14 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import Future  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable, Sequence  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 
-from learner.group import GroupStepMetrics, read_client_state  # noqa: E402
+from learner.group import GroupStepMetrics, LearnerLost, read_client_state  # noqa: E402
 from opsd.adapter import AdapterPayload, write_adapter_dir  # noqa: E402
 from opsd.atomic import write_text_atomic  # noqa: E402
 from opsd.configlib import ConfigError  # noqa: E402
@@ -184,8 +184,9 @@ class Progress:
     eval_sets: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
-def train(cfg: OPSDConfig, print_fn=print) -> Path:
-    """Run the whole training job; returns the run directory."""
+def train(cfg: OPSDConfig, print_fn=print, verbose: bool = False) -> Path:
+    """Run the whole training job; returns the run directory. The terminal shows the plan, one line per step, the
+    warnings and the summary; every actor's output goes to ``RUN_DIR/logs/`` (``verbose``: to the terminal too)."""
     run_dir = Path(cfg.train.run_dir)
     cfg.model.check()  # a model or tokenizer that cannot load fails here, before the data and any actor
     data = prepare_data(cfg)
@@ -199,12 +200,14 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
     evaluator = evaluator_for(cfg)  # bad eval set files fail here, before Ray starts
     accuracy = StudentAccuracy() if cfg.train.student_accuracy else None
     progress = Progress()
-    with trackers, ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg)) as session:
-        print_fn(f"opsd: Ray {session.where}" + (f"; dashboard {session.dashboard}" if session.dashboard else ""))
-        stages = Stages.start(cfg, total_steps, log=print_fn)
+    log_dir = None if verbose else str(run_dir / "logs")
+    with trackers, ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg), log_to_driver=verbose) as session:
+        print_fn(f"opsd: Ray {session.where}" + (f"; dashboard {session.dashboard}" if session.dashboard else "")
+                 + (f"; actor logs in {log_dir}" if log_dir else ""))
+        stages = Stages.start(cfg, total_steps, log=print_fn, log_dir=log_dir)
         for note in ineffective_keys(cfg, on_cpu=stages.reservation.plan.on_cpu):
             print_fn(f"opsd: warning: {note}")
-        sink = None
+        loop = None
         try:
             # The held-out traces: sampled once from the initial policy and scored once, the same before and after.
             heldout = stages.score(stages.rollout.collect(stages.rollout.launch(data.held_out))).tables \
@@ -212,7 +215,8 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
             first_step = 0
             if resume is not None:
                 first_step = restore(stages, sampler, resume, progress, print_fn)
-            sink = MetricsSink(run_dir, keep_steps_up_to=first_step if resume is not None else None)
+            loop = Loop(cfg, stages, sampler, MetricsSink(run_dir, keep_steps_up_to=first_step if resume else None),
+                        trackers, progress, evaluator, accuracy, heldout, total_steps, print_fn)
             if heldout is not None and 0 not in progress.heldout_gjs:
                 progress.heldout_gjs[0] = stages.learner.evaluate(heldout)
                 print_fn(f"opsd: held-out GJS before training: {progress.heldout_gjs[0]:.5f} "
@@ -220,28 +224,17 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
             if evaluator is not None and resume is None:
                 progress.eval_sets[0] = run_eval_sets(evaluator, stages, 0, print_fn)
             trackers.log_metrics(0, {"heldout_gjs": progress.heldout_gjs.get(0), **progress.eval_sets.get(0, {})})
-            in_flight: InFlight | None = launch(stages, sampler)
-            for step in range(first_step, total_steps):
-                after = AfterStep.of(step + 1, total_steps, cfg)
-                prefetch = (lambda: launch(stages, sampler)) if after.launch_next and cfg.train.max_staleness else None
-                result = train_step(stages, in_flight, prefetch, accuracy)
-                record = step_record(step, sampler, result, stages.learner.version, stages.replaced)
-                if result.accuracy is not None:
-                    record.update(result.accuracy.result(timeout=cfg.train.stage_timeout_s))
-                if after.eval_sets:
-                    progress.eval_sets[step + 1] = run_eval_sets(evaluator, stages, step + 1, print_fn)
-                    record.update(progress.eval_sets[step + 1])
-                in_flight = result.next or (launch(stages, sampler) if after.launch_next else None)
-                record["rows_in_flight"] = in_flight.batch.num_rows if in_flight is not None else 0
-                if after.heldout:
-                    progress.heldout_gjs[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(heldout)
-                sink.record(record)
-                trackers.log_metrics(record["step"], record)
-                print_fn(progress_line(record, total_steps))
-                save_outputs(stages, cfg, step + 1, after, result.adapter, sampler, in_flight, progress, print_fn)
+            loop.in_flight = launch(stages, sampler)
+            step = first_step
+            while step < total_steps:
+                try:
+                    run_step(loop, step)
+                    step += 1
+                except LearnerLost as lost:  # a rank died: rebuild the group and replay from the last checkpoint
+                    step = recover_learner(loop, lost, resume)
         finally:
-            if sink is not None:
-                sink.close()
+            if loop is not None:
+                loop.sink.close()
             if evaluator is not None:
                 evaluator.close()
             if accuracy is not None:
@@ -249,6 +242,87 @@ def train(cfg: OPSDConfig, print_fn=print) -> Path:
             stages.shutdown()
         trackers.finish(finish(run_dir, total_steps, stages.learner.version, progress, print_fn))
     return run_dir
+
+
+@dataclass
+class Loop:
+    """What the steps of a run share."""
+
+    cfg: OPSDConfig
+    stages: Stages
+    sampler: EpochSampler
+    sink: MetricsSink
+    trackers: Trackers
+    progress: Progress
+    evaluator: object | None
+    accuracy: StudentAccuracy | None
+    heldout: object | None  # the held-out traces' table refs
+    total_steps: int
+    print_fn: Callable[[str], None]
+    in_flight: InFlight | None = None
+    learner_restarts: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    steps_done: int = 0  # in this process (the ETA's rate)
+
+
+def run_step(loop: Loop, step: int) -> None:
+    """Step ``step + 1``: the update, its record, and what follows it (evaluation, held-out GJS, outputs)."""
+    cfg, stages, sampler = loop.cfg, loop.stages, loop.sampler
+    after = AfterStep.of(step + 1, loop.total_steps, cfg)
+    prefetch = (lambda: launch(stages, sampler)) if after.launch_next and cfg.train.max_staleness else None
+    result = train_step(stages, loop.in_flight, prefetch, loop.accuracy)
+    loop.in_flight = result.next
+    record = step_record(step, sampler, result, stages.learner.version, stages.replaced)
+    if result.accuracy is not None:
+        record.update(result.accuracy.result(timeout=cfg.train.stage_timeout_s))
+    if after.eval_sets:
+        loop.progress.eval_sets[step + 1] = run_eval_sets(loop.evaluator, stages, step + 1, loop.print_fn)
+        record.update(loop.progress.eval_sets[step + 1])
+    if loop.in_flight is None and after.launch_next:
+        loop.in_flight = launch(stages, sampler)
+    record["rows_in_flight"] = loop.in_flight.batch.num_rows if loop.in_flight is not None else 0
+    record["learner_restarts"] = loop.learner_restarts
+    if after.heldout:
+        loop.progress.heldout_gjs[step + 1] = record["heldout_gjs"] = stages.learner.evaluate(loop.heldout)
+    loop.sink.record(record)
+    loop.trackers.log_metrics(record["step"], record)
+    loop.steps_done += 1
+    rate = (time.perf_counter() - loop.started) / loop.steps_done
+    loop.print_fn(progress_line(record, loop.total_steps, eta_s=rate * (loop.total_steps - step - 1)))
+    save_outputs(stages, cfg, step + 1, after, result.adapter, sampler, loop.in_flight, loop.progress, loop.print_fn)
+
+
+def recover_learner(loop: Loop, lost: LearnerLost, resumed_from: ResumePoint | None) -> int:
+    """A new learner group, rewound with the whole loop to the newest checkpoint that verifies (or the run's
+    start): the steps since are trained again with the same rows and seeds, so the run ends as if nothing happened.
+    Returns the step to continue from."""
+    cfg, stages = loop.cfg, loop.stages
+    loop.learner_restarts += 1
+    if loop.learner_restarts > cfg.train.learner_restarts:
+        raise RuntimeError(f"a learner rank died {loop.learner_restarts} times (train.learner_restarts="
+                           f"{cfg.train.learner_restarts}); resume with train.resume=latest") from lost
+    if loop.in_flight is not None:  # rows sampled for a step that is now replayed: drop them
+        stages.rollout.collect(loop.in_flight.batch)
+    stages.restart_learner(cfg, loop.total_steps)
+    checkpoint = checkpoints.newest_valid(cfg.train.run_dir, loop.print_fn)
+    point = find_resume_point(replace(cfg, train=replace(cfg.train, resume=str(checkpoint))), loop.total_steps) \
+        if checkpoint is not None else resumed_from
+    if point is not None:
+        step = restore(stages, loop.sampler, point, loop.progress, loop.print_fn)
+    else:
+        step = 0
+        loop.sampler.cursor = Cursor()
+        stages.rollout.load_adapter(None)
+        stages.sync_teacher()
+    for measured in (loop.progress.heldout_gjs, loop.progress.eval_sets):
+        for later in [s for s in measured if s > step]:
+            del measured[later]
+    loop.sink.close()
+    loop.sink = MetricsSink(cfg.train.run_dir, keep_steps_up_to=step, run=loop.sink.run)
+    loop.in_flight = launch(stages, loop.sampler)
+    loop.print_fn(f"opsd: warning: {lost} (restart {loop.learner_restarts} of {cfg.train.learner_restarts}); the "
+                  f"learner group was rebuilt and continues from step {step}")
+    return step
 
 
 def restore(stages: Stages, sampler: EpochSampler, resume: ResumePoint, progress: Progress, print_fn) -> int:
@@ -356,21 +430,29 @@ def step_record(step: int, sampler: EpochSampler, result: StepResult, adapter_ve
     return record
 
 
-def progress_line(r: dict, total_steps: int) -> str:
+def progress_line(r: dict, total_steps: int, eta_s: float | None = None) -> str:
     accuracy = r.get("student_accuracy")
     return (f"step {r['step']}/{total_steps} | loss {r['loss']:.5f} | gjs {r['gjs']:.5f} | "
             + (f"acc {accuracy:.2f} | " if isinstance(accuracy, float) and accuracy == accuracy else "")
             + f"tok/s rollout {r['tokens_per_second/rollout']:,.0f} teacher {r['tokens_per_second/teacher']:,.0f} "
             f"learner {r['tokens_per_second/learner']:,.0f} | {r['step_seconds']:.1f} s"
+            + (f" | ETA {_duration(eta_s)}" if eta_s is not None and r["step"] < total_steps else "")
             + (f" | skipped: {r['skip_reason']}" if r["skipped"] else ""))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="opsd train", description="Train with OPSD (see orchestrator/train.py).")
     parser.add_argument("--config", default=None, help="YAML config (recipes/ has examples)")
+    parser.add_argument("--verbose", action="store_true", help="show every actor's output in the terminal too")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    train(load_config(args.config, args.overrides))
+    train(load_config(args.config, args.overrides), verbose=args.verbose)
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import ray
 
-from opsd.actors import gather_shards, get, kill_actors
+from opsd.actors import ProcessSetup, gather_shards, get, kill_actors, set_up_first
 from opsd.adapter import AdapterError, AdapterPayload
 from opsd.model import ModelSpec, as_model_spec
 from opsd.prompts import PromptConfig
@@ -28,7 +28,7 @@ from opsd.schema import with_rollout_stats
 from rollout.table import RolloutSummary
 from rollout.worker import RolloutWorker, WorkerInfo
 
-RolloutActor = ray.remote(RolloutWorker)
+RolloutActor = ray.remote(set_up_first(RolloutWorker))
 
 
 class AdapterLoadError(RuntimeError):
@@ -59,6 +59,7 @@ class RolloutBatch:
     prompts: PromptConfig | None
     tables: list[ray.ObjectRef]
     summaries: list[ray.ObjectRef]
+    adapter: tuple[int, ray.ObjectRef | None] = (0, None)  # the version the batch was launched on
 
     @property
     def num_rows(self) -> int:
@@ -76,17 +77,18 @@ class Rollouts:
 class RolloutPool:
     def __init__(self, model: ModelSpec | str, config: RolloutConfig, prompts: PromptConfig | None = None, *,
                  actor_options: Sequence[dict[str, Any]] | None = None, max_lora_rank: int = 64,
-                 call_timeout_s: float = 3600.0, log: Callable[[str], None] = print):
+                 call_timeout_s: float = 3600.0, log: Callable[[str], None] = print, log_dir: str | None = None):
         """``actor_options[i]``: worker i's Ray options (its placement bundle), over :func:`default_actor_options`.
         ``max_lora_rank``: the engines' LoRA rank (``opsd.lora.engine_lora_rank`` of the adapters to serve).
-        ``call_timeout_s`` bounds every wait: engine start, a shard's generation, an adapter load."""
+        ``call_timeout_s`` bounds every wait: engine start, a shard's generation, an adapter load. ``log_dir``: each
+        worker's output goes to ``log_dir/rollout-<i>.log`` instead of the driver's terminal."""
         config.validate()
         if actor_options is not None and len(actor_options) != config.num_workers:
             raise ValueError(f"actor_options lists {len(actor_options)} workers, rollout.num_workers is "
                              f"{config.num_workers}")
         self.model, self.config, self.prompts = as_model_spec(model), config, prompts
         self.actor_options, self.max_lora_rank = actor_options, max_lora_rank
-        self.call_timeout_s, self.log = call_timeout_s, log
+        self.call_timeout_s, self.log, self.log_dir = call_timeout_s, log, log_dir
         self.replaced = 0
         self.adapter: tuple[int, ray.ObjectRef | None] = (0, None)  # the version every worker serves, its payload
         self.actors = [self._new_actor(i) for i in range(config.num_workers)]
@@ -99,14 +101,16 @@ class RolloutPool:
     def _new_actor(self, index: int):
         options = {**default_actor_options(self.config),
                    **(self.actor_options[index] if self.actor_options is not None else {})}
+        log_file = f"{self.log_dir}/rollout-{index}.log" if self.log_dir else None
         return RolloutActor.options(**options).remote(self.model, self.config, self.prompts, worker_index=index,
-                                                      max_lora_rank=self.max_lora_rank)
+                                                      max_lora_rank=self.max_lora_rank,
+                                                      process=ProcessSetup(log_file=log_file))
 
     # -- sampling ----------------------------------------------------------------------------------------------
     def launch(self, problems: pa.Table, sampling: Sampling | None = None,
                prompts: PromptConfig | None = None) -> RolloutBatch:
         """Start generating: the run's sampling and prompts, or a call's own (evaluation)."""
-        batch = RolloutBatch(shard_rows(problems, len(self.actors)), sampling, prompts, [], [])
+        batch = RolloutBatch(shard_rows(problems, len(self.actors)), sampling, prompts, [], [], self.adapter)
         for actor, shard in zip(self.actors, batch.shards):
             table, summary = actor.generate_shard.options(num_returns=2).remote(shard, sampling, prompts)
             batch.tables.append(table)
@@ -117,9 +121,14 @@ class RolloutPool:
         """The batch's shards, in order; a worker that died or did not answer within ``timeout_s`` (default: the
         pool's call timeout) is replaced and its shard generated again."""
         def redo(i: int) -> ray.ObjectRef:
-            self._replace(i)
-            batch.tables[i], batch.summaries[i] = self.actors[i].generate_shard.options(num_returns=2).remote(
+            self._replace(i)  # serves the current version
+            actor, stale = self.actors[i], batch.adapter[0] != self.adapter[0]
+            if stale:  # launched before the last push (max_staleness 1): the shard is redone on its own version
+                actor.load_adapter.remote(*batch.adapter)  # an actor runs one caller's calls in order
+            batch.tables[i], batch.summaries[i] = actor.generate_shard.options(num_returns=2).remote(
                 batch.shards[i], batch.sampling, batch.prompts)
+            if stale:
+                actor.load_adapter.remote(*self.adapter)
             return batch.summaries[i]
 
         summaries = gather_shards(batch.summaries, redo, timeout_s=timeout_s or self.call_timeout_s,

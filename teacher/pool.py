@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 import ray
 
-from opsd.actors import gather_shards, get, kill_actors
+from opsd.actors import ProcessSetup, gather_shards, get, kill_actors, set_up_first
 from opsd.adapter import AdapterPayload
 from opsd.model import ModelSpec, as_model_spec
 from opsd.prompts import PromptConfig
@@ -23,7 +23,7 @@ from opsd.tables import TableRefs
 from teacher.config import TeacherConfig
 from teacher.scorer import ScoreSummary, TeacherScorer
 
-TeacherActor = ray.remote(TeacherScorer)
+TeacherActor = ray.remote(set_up_first(TeacherScorer))
 
 MAX_SHARD_RETRIES = 2
 
@@ -41,9 +41,11 @@ class Scored:
 class TeacherPool:
     def __init__(self, model: ModelSpec | str, config: TeacherConfig, prompts: PromptConfig | None = None, *,
                  temperature: float, actor_options: Sequence[dict[str, Any]] | None = None,
-                 device: str | None = None, call_timeout_s: float = 3600.0, log: Callable[[str], None] = print):
+                 device: str | None = None, call_timeout_s: float = 3600.0, log: Callable[[str], None] = print,
+                 log_dir: str | None = None, torch_threads: int | None = None):
         """``actor_options[i]``: actor i's Ray options (its placement bundle and resources). ``device``: "cpu" to
-        keep the teacher off GPUs; None picks CUDA when the actor sees one."""
+        keep the teacher off GPUs; None picks CUDA when the actor sees one. ``log_dir``: each actor's output goes to
+        ``log_dir/teacher-<i>.log``; ``torch_threads``: its CPU threads (default: Ray's, one per reserved CPU)."""
         config.validate()
         if actor_options is not None and len(actor_options) != config.num_workers:
             raise ValueError(f"actor_options lists {len(actor_options)} actors, teacher.num_workers is "
@@ -51,6 +53,7 @@ class TeacherPool:
         self.model, self.config, self.prompts = as_model_spec(model), config, prompts
         self.temperature, self.actor_options, self.device = temperature, actor_options, device
         self.call_timeout_s, self.log = call_timeout_s, log
+        self.log_dir, self.torch_threads = log_dir, torch_threads
         self.replaced = 0
         self.adapter: tuple[int, ray.ObjectRef | None] = (0, None)  # the version every actor scores with, its payload
         self.actors = [self._new_actor(i) for i in range(config.num_workers)]
@@ -62,8 +65,10 @@ class TeacherPool:
 
     def _new_actor(self, index: int):
         options = self.actor_options[index] if self.actor_options is not None else {}
+        log_file = f"{self.log_dir}/teacher-{index}.log" if self.log_dir else None
         return TeacherActor.options(**options).remote(self.model, self.config, temperature=self.temperature,
-                                                      prompt=self.prompts, device=self.device)
+                                                      prompt=self.prompts, device=self.device,
+                                                      process=ProcessSetup(log_file, self.torch_threads))
 
     def score(self, rollouts: TableRefs) -> Scored:
         """Teacher columns for every row, the rows split evenly over the actors (each reads its pieces of the

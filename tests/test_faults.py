@@ -362,3 +362,112 @@ def test_ray_job_stop_mid_step_ends_stopped_leaves_nothing_and_the_checkpoint_re
         assert any("resumed from" in line and f"step-{last}" in line for line in lines)
         assert ray.is_initialized()
     assert records_of(run_dir)[-1]["step"] == last + 1
+
+
+@pytest.mark.slow
+def test_a_learner_rank_killed_mid_run_is_rebuilt_and_the_run_ends_as_if_nothing_happened(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import sys
+
+    import psutil
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from local_ray import local_ray
+
+    from orchestrator.config import load_config
+    from orchestrator.train import train
+
+    def config(run_dir: Path):
+        return load_config(REPO_ROOT / "recipes" / "tiny-cpu.yaml", train_args(tiny_model_dir, run_dir, "train.steps=4")
+                           [2:] + ["train.checkpoint_every=2"])
+
+    killed: list[int] = []
+
+    def kill_a_learner_rank(line: str) -> None:
+        lines.append(line)
+        if line.startswith("step 3/") and not killed:  # step 4 will find its learner dead
+            for process in psutil.process_iter(["cmdline"]):
+                if "LearnerRank" in " ".join(process.info["cmdline"] or []):
+                    os.kill(process.pid, signal.SIGKILL)
+                    killed.append(process.pid)
+
+    lines: list[str] = []
+    with local_ray(num_cpus=4):
+        train(config(tmp_path / "straight"), print_fn=lambda line: None)
+        train(config(tmp_path / "killed"), print_fn=kill_a_learner_rank)
+    assert killed
+    assert any("a learner rank died" in line and "continues from step 2" in line for line in lines)
+    straight, again = records_of(tmp_path / "straight"), records_of(tmp_path / "killed")
+    assert [r["step"] for r in again] == [1, 2, 3, 4]  # one record per step
+    assert again[-1]["learner_restarts"] == 1
+    for a, b in zip(again, straight):
+        assert a["sample_ids"] == b["sample_ids"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-12)
+    final = {name: load_file(tmp_path / name / "adapters" / "v4" / "adapter_model.safetensors")
+             for name in ("straight", "killed")}
+    for key, tensor in final["straight"].items():
+        torch_close(final["killed"][key], tensor, atol=1e-6)
+
+
+def torch_close(a, b, atol: float) -> None:
+    import torch
+
+    torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+@pytest.mark.slow
+def test_a_shard_redone_after_a_push_is_sampled_on_its_batchs_version(tiny_model_dir, tmp_path):
+    """max_staleness 1: a batch launched on adapter n, then adapter n+1 pushed, then a worker dies: its shard is
+    redone on version n, like the rest of the batch, and the fresh worker serves n+1 afterwards."""
+    import sys
+
+    import pyarrow as pa
+    import ray
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from local_ray import local_ray
+    from rollout_reference import make_lora_adapter
+
+    from opsd.adapter import read_adapter_dir
+    from opsd.data import load_problems
+    from opsd.model import ModelSpec
+    from opsd.schema import PROBLEM_SCHEMA, sample_id
+    from rollout.config import RolloutConfig
+    from rollout.pool import RolloutPool
+
+    adapter = read_adapter_dir(make_lora_adapter(tiny_model_dir, tmp_path / "v1", rank=8, seed=1), version=1)
+    rows, _ = load_problems(DATA, "gsm8k")
+    problems = pa.table({"sample_id": [sample_id(r, 0, 0) for r in rows.column("id").to_pylist()[:4]],
+                         "problem": rows.column("problem").to_pylist()[:4], "solution": [None] * 4,
+                         "answer": [None] * 4}, schema=PROBLEM_SCHEMA)
+    config = RolloutConfig(num_workers=2, gpus_per_worker=0, cpu_threads_per_worker=1, cpu_kv_cache_gib=0.25,
+                           max_model_len=512, max_response_tokens=32, temperature=1.0)
+    with local_ray(num_cpus=2):
+        pool = RolloutPool(ModelSpec(str(tiny_model_dir)), config, max_lora_rank=8, call_timeout_s=300,
+                           log=lambda line: None)
+        try:
+            batch = pool.launch(problems)  # on the base model, v0
+            ray.kill(pool.actors[1])  # dies while its shard samples
+            pool.load_adapter(adapter)  # v1 pushed (the dead worker's replacement loads it) before the collect
+            rollouts = pool.collect(batch)
+            assert pool.replaced == 2 and set(rollouts.summary.policy_versions) == {0}
+            after = pool.collect(pool.launch(problems))
+            assert set(after.summary.policy_versions) == {1}
+        finally:
+            pool.shutdown()
+
+
+@pytest.mark.slow
+def test_an_error_raised_in_an_actor_reaches_the_terminal_with_its_message(tiny_model_dir, tmp_path, capsys):
+    """The actors' output goes to RUN_DIR/logs, but an error they raise still ends the run with its own message."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from local_ray import local_ray
+
+    with local_ray(num_cpus=4):
+        code = main(["train", *train_args(tiny_model_dir, tmp_path / "run", "rollout.max_model_len=64")])
+    # (The test's own cluster copies its workers' logs to this terminal too: look for the CLI's line.)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("opsd: error: ")]
+    assert code == 2 and len(errors) == 1 and "student prompt(s) too long for the rollout engine" in errors[0]

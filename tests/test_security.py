@@ -88,6 +88,14 @@ def test_the_token_never_appears_in_logs_metrics_or_run_files(tmp_path, ray_tmp,
     assert not leaks, leaks
     assert token not in done.stdout and token not in done.stderr
     assert (run_dir / "metrics.jsonl").is_file() and list((run_dir / "checkpoints").iterdir())
+    # A quiet console: the driver prints its plan, progress and summary; each actor's output has a file of its own.
+    logs = {p.name: p.read_text() for p in (run_dir / "logs").iterdir()}
+    assert set(logs) == {"rollout-0.log", "teacher-0.log", "learner-0.log"}
+    assert "Loading safetensors checkpoint shards" in logs["rollout-0.log"]  # vLLM's own output went there
+    terminal = done.stdout + done.stderr
+    assert "pid=" not in terminal and "Loading safetensors" not in terminal and "Loading weights" not in terminal
+    steps = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert len(steps) == 2 and "ETA" in steps[0]
 
 
 def test_remote_code_runs_only_when_the_user_turns_it_on(tmp_path, tiny_model_dir):
