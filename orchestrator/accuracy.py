@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 from evaluation.grading import Grader
-from rollout.table import RolloutSummary
+from rollout.pool import RolloutSummary
 
 
 class StudentAccuracy:

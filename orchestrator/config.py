@@ -156,7 +156,8 @@ class TrainConfig:
         default=True,
         metadata={"doc": "Grade each training trace's final answer (its last \\boxed{}) against its problem's "
                   "reference answer (math-verify, in the background) and log student_accuracy per step. OPSD never "
-                  "uses it. Rows without a reference answer are not graded."},
+                  "uses it; GRPO's rewards are these grades (so it must be true with method grpo). Rows without a "
+                  "reference answer are not graded."},
     )
     stage_timeout_s: float = field(
         default=3600.0,

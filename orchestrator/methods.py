@@ -24,8 +24,7 @@ import pyarrow as pa
 from opsd.schema import RolloutStats, parse_sample_id
 from opsd.tables import TableRefs
 from orchestrator.accuracy import StudentAccuracy
-from rollout.pool import RolloutBatch, Rollouts
-from rollout.table import RolloutSummary
+from rollout.pool import RolloutBatch, Rollouts, RolloutSummary
 from teacher.pool import Scored
 
 if TYPE_CHECKING:
