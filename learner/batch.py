@@ -16,6 +16,7 @@ import torch
 
 from learner.kinds import LossKind, TeacherBatch, pad_sequences
 from opsd.packing import pack_by_tokens
+from opsd.prompts import PromptBuilder
 from opsd.teacher_context import ContextPlan
 
 
@@ -79,12 +80,15 @@ class StepPlan:
         return [collate([self.rows[i] for i in batch], kind, pad_id) for batch in self.micro[rank]]
 
 
-def rows_from_table(table: pa.Table, kind: LossKind, contexts: ContextPlan | None = None) -> list[Row]:
-    """The rows of a checked table, with their teacher data; rows the teacher context left out are dropped."""
-    prompts = table.column("prompt_ids").to_pylist()
-    responses = table.column("response_ids").to_pylist()
+def rows_from_table(table: pa.Table, kind: LossKind, contexts: ContextPlan | None = None,
+                    builder: PromptBuilder | None = None) -> list[Row]:
+    """The rows of a checked table, with their teacher data; rows the teacher context left out are dropped. The
+    kind says what a row's sequence is (a rollout's prompt and response; SFT: the prompt and the reference
+    solution, built with ``builder``)."""
+    prompts, responses = kind.sequences(table, builder)
     ids = table.column("sample_id").to_pylist()
-    versions = table.column("policy_version").to_pylist()
+    versions = table.column("policy_version").to_pylist() if "policy_version" in table.column_names \
+        else [0] * table.num_rows
     rows = []
     for i, teacher in enumerate(kind.row_teachers(table, contexts)):
         if teacher is None:

@@ -155,6 +155,25 @@ class OptimConfig:
         )
 
 
+@dataclass(frozen=True)
+class LearnerObjective:
+    """What the learner minimises: the distillation loss of ``learner.loss`` ('opsd'), or a baseline on the same
+    learner: cross-entropy on reference solutions ('sft') or GRPO's clipped policy gradient ('grpo').
+    docs/ARCHITECTURE.md ("Baselines: SFT and GRPO")."""
+
+    method: Literal["opsd", "sft", "grpo"] = "opsd"
+    clip_eps: float = 0.2  # grpo: r is clipped to [1 - clip_eps, 1 + clip_eps]
+    max_target_tokens: int | None = None  # sft: a reference solution (+ EOS) is cut at this many tokens
+
+    def kind(self, loss: LossConfig) -> LossKind:
+        """The loss kind that trains this objective."""
+        if self.method == "opsd":
+            return loss.loss_kind
+        from learner.objectives import objective_kind
+
+        return objective_kind(self)
+
+
 @dataclass
 class LearnerConfig:
     """The learner group: one actor per rank (DeepSpeed ZeRO data parallel) training the LoRA adapter."""

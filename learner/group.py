@@ -21,7 +21,7 @@ import pyarrow as pa
 import ray
 
 from learner.batch import StepPlan, plan_step, rows_from_table
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, LearnerObjective
 from learner.worker import LearnerWorker, StepMetrics, free_port, rng_state_path
 from opsd.actors import ProcessSetup, get, kill_actors, set_up_first
 from opsd.adapter import AdapterPayload
@@ -31,7 +31,7 @@ from opsd.manifest import write_manifest
 from opsd.model import ModelSpec, as_model_spec
 from opsd.prompts import PromptBuilder, PromptConfig
 from opsd.schema import TableMetadata
-from opsd.tables import TableRefs, concat_tables
+from opsd.tables import TableRefs, concat_tables, join_columns
 from opsd.teacher_context import build_contexts
 
 CLIENT_STATE_FILE = "client_state.json"
@@ -69,6 +69,7 @@ class RankSetup:
     expected_top_k: int | None
     full_teacher: FullTeacherSettings
     ema_decay: float | None  # an EMA teacher (teacher.kind=ema); None: the frozen base
+    objective: LearnerObjective = field(default_factory=LearnerObjective)
 
 
 @dataclass
@@ -125,17 +126,22 @@ class LearnerRank:
         self.rank, self.setup_ = rank, setup
         self.worker = LearnerWorker(setup.model, setup.config, rank=rank, world_size=setup.world_size,
                                     master_addr=setup.master_addr, master_port=setup.master_port,
-                                    total_steps=setup.total_steps, seed=setup.seed, ema_decay=setup.ema_decay)
+                                    total_steps=setup.total_steps, seed=setup.seed, ema_decay=setup.ema_decay,
+                                    objective=setup.objective)
         tokenizer = setup.model.load_tokenizer()
         vocab_size = int(setup.model.load_config().vocab_size)
-        self.kind = setup.config.loss.loss_kind
+        self.kind = self.worker.kind
         self.expected = TableMetadata(setup.model.path, tokenizer_fingerprint(tokenizer), vocab_size,
                                       setup.expected_top_k, setup.config.loss.tau)
-        in_learner = self.kind.runs_teacher_in_learner
-        self.builder = PromptBuilder(tokenizer, setup.full_teacher.prompt) if in_learner else None
+        # Teacher contexts (full-vocabulary kind) and SFT rows use the run's prompts (setup.full_teacher.prompt).
+        self.builder = PromptBuilder(tokenizer, setup.full_teacher.prompt) if self.kind.needs_prompts else None
 
-    def _table(self, tables: Sequence[pa.Table]) -> pa.Table:
-        table = concat_tables(tables)
+    def _table(self, tables: Sequence[pa.Table], columns: pa.Table | None = None) -> pa.Table:
+        """The step table from its shards (an SFT problems table is one shard without opsd metadata), with the
+        driver's per-row ``columns`` (GRPO: the advantages) joined on by sample id, checked for the kind."""
+        table = tables[0] if len(tables) == 1 else concat_tables(tables)
+        if columns is not None:
+            table = join_columns(table, columns)
         self.kind.check_table(table, self.expected)
         return table
 
@@ -146,18 +152,19 @@ class LearnerRank:
             contexts = build_contexts(self.builder, table.column("problem").to_pylist(),
                                       table.column("solution").to_pylist(), table.column("response_ids").to_pylist(),
                                       settings.max_context_tokens, settings.on_overlength)
-        rows = rows_from_table(table, self.kind, contexts)
+        rows = rows_from_table(table, self.kind, contexts, self.builder)
         return plan_step(rows, self.setup_.world_size, self.setup_.config.micro_batch_tokens,
                          contexts.skipped if contexts is not None else None)
 
-    def train_step(self, version: int, *tables: pa.Table) -> RankStep:
+    def train_step(self, version: int, *tables: pa.Table, columns: pa.Table | None = None) -> RankStep:
         started = time.perf_counter()
-        table = self._table(tables)
-        staleness = [version - v for v in table.column("policy_version").to_pylist()]
+        table = self._table(tables, columns)
+        sampled = "policy_version" in table.column_names  # SFT trains on problems: nothing was sampled
+        staleness = [version - v for v in table.column("policy_version").to_pylist()] if sampled else []
         teacher_version = self.worker.teacher_version if self.kind.runs_teacher_in_learner else None
-        bad = self.kind.non_finite_rows(table) if self.kind.needs_teacher_stage else []
+        bad = self.kind.non_finite_rows(table)
         if bad:
-            return RankStep(table.num_rows, 0, {}, staleness, f"non-finite teacher values in {bad[:3]}")
+            return RankStep(table.num_rows, 0, {}, staleness, f"non-finite {self.kind.non_finite_what} in {bad[:3]}")
         plan = self._plan(table)
         step = RankStep(table.num_rows, plan.global_tokens, plan.skipped_rows, staleness,
                         teacher_version=teacher_version)
@@ -212,6 +219,7 @@ class LearnerGroup:
         expected_top_k: int | None = None,
         full_teacher: FullTeacherSettings | None = None,
         ema_decay: float | None = None,
+        objective: LearnerObjective | None = None,
         actor_options: dict | Sequence[dict] | None = None,
         timeout_s: float = 3600.0,
         log_dir: str | None = None,
@@ -219,8 +227,10 @@ class LearnerGroup:
     ):
         """``ema_decay``: keep an EMA of the LoRA weights as the teacher (``teacher.kind=ema``): the in-process
         teacher of the full-vocabulary kind runs it, :meth:`export_teacher_adapter` gives it to teacher actors.
-        None: the teacher is the frozen base model. ``log_dir``: each rank's output goes to
-        ``log_dir/learner-<rank>.log``; ``torch_threads``: its CPU threads (default: one per reserved CPU)."""
+        None: the teacher is the frozen base model. ``objective``: what the ranks minimise (default: the
+        distillation loss of ``config.loss``; SFT and GRPO: docs/ARCHITECTURE.md, "Baselines"). ``log_dir``: each
+        rank's output goes to ``log_dir/learner-<rank>.log``; ``torch_threads``: its CPU threads (default: one per
+        reserved CPU)."""
         config.validate()
         self.model, self.config, self.timeout_s = as_model_spec(model), config, timeout_s
         self.ema_decay = ema_decay
@@ -232,7 +242,7 @@ class LearnerGroup:
             f"{log_dir}/learner-{r}.log" if log_dir else None, torch_threads)) for r in range(n)]
         address, port = get(self.actors[0].address.remote(), timeout_s)
         setup = RankSetup(self.model, config, n, address, port, total_steps, seed, expected_top_k,
-                          full_teacher or FullTeacherSettings(), ema_decay)
+                          full_teacher or FullTeacherSettings(), ema_decay, objective or LearnerObjective())
         get([a.setup.remote(r, setup) for r, a in enumerate(self.actors)], timeout_s)
 
     def _get(self, refs):
@@ -246,11 +256,15 @@ class LearnerGroup:
     def _refs(self, tables: pa.Table | TableRefs) -> tuple:
         return (tables if isinstance(tables, TableRefs) else TableRefs.put(tables)).refs
 
-    def train_step(self, tables: pa.Table | TableRefs) -> GroupStepMetrics:
-        """One optimizer step on the step table (refs from the previous stage, or a table in this process)."""
+    def train_step(self, tables: pa.Table | TableRefs, columns: pa.Table | None = None) -> GroupStepMetrics:
+        """One optimizer step on the step table (refs from the previous stage, or a table in this process).
+        ``columns``: a small table of per-row values keyed by ``sample_id`` (GRPO: ``advantage``), put in the object
+        store once; every rank joins it onto the step table."""
         start = time.perf_counter()
         refs = self._refs(tables)
-        steps: list[RankStep] = self._get([a.train_step.remote(self.version, *refs) for a in self.actors])
+        extra = ray.put(columns) if columns is not None else None
+        steps: list[RankStep] = self._get([a.train_step.remote(self.version, *refs, columns=extra)
+                                           for a in self.actors])
         first = steps[0]
         staleness = first.staleness or [0]
         base = dict(step=self.step_count, rows=first.rows, staleness_mean=sum(staleness) / len(staleness),

@@ -3,7 +3,8 @@
 ``learner.loss.kind`` names one of :data:`LOSS_KINDS`. A kind says whether the teacher stage runs (it adds the
 teacher columns), which table contract it trains on, how a row's teacher data is read and collated into a typed
 :class:`TeacherBatch`, and how that batch becomes the loss's teacher (``learner.loss``). A new kind is one class here
-(plus its divergence in ``learner/loss.py``) and its tests.
+(plus its divergence in ``learner/loss.py``) and its tests. The baselines' objectives (SFT, GRPO) are kinds too:
+``learner/objectives.py``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import torch
 from opsd.schema import TableError, TableMetadata, check_metadata, check_table, read_metadata
 
 if TYPE_CHECKING:
-    from learner.loss import Teacher
+    from learner.config import LossConfig
+    from learner.loss import LossOutput, Teacher
+    from opsd.prompts import PromptBuilder
     from opsd.teacher_context import ContextPlan
 
 TEACHER_FLOAT_COLUMNS = ("teacher_topk_logprobs", "teacher_tail_logprob", "teacher_token_logprob")
@@ -80,7 +83,9 @@ class LossKind:
     name: ClassVar[str]
     needs_teacher_stage: ClassVar[bool]  # the teacher actors add columns this kind reads
     runs_teacher_in_learner: ClassVar[bool] = False  # the learner runs the teacher model on teacher contexts itself
+    needs_prompts: ClassVar[bool] = False  # the learner builds prompts itself (teacher contexts, SFT rows)
     teacher_columns: ClassVar[tuple[str, ...]] = ()
+    non_finite_what: ClassVar[str] = "teacher values"  # what non_finite_rows looks at, for the skip reason
 
     def check_table(self, table: pa.Table, expected: TableMetadata) -> None:
         """Refuse a table this kind cannot train on: columns, tokenizer, vocabulary, and (teacher stage) k and the
@@ -116,6 +121,10 @@ class LossKind:
         ids = table.column("sample_id").to_pylist()
         return [ids[i] for i in np.nonzero(bad)[0]]
 
+    def sequences(self, table: pa.Table, builder: PromptBuilder | None) -> tuple[list[list[int]], list[list[int]]]:
+        """Each row's prompt ids and the ids the loss is on: the rollout's prompt and response."""
+        return table.column("prompt_ids").to_pylist(), table.column("response_ids").to_pylist()
+
     def row_teachers(self, table: pa.Table, contexts: ContextPlan | None) -> list[Any]:
         """Each row's teacher data (what :meth:`collate` takes), None for a row left out."""
         raise NotImplementedError
@@ -126,6 +135,15 @@ class LossKind:
 
     def loss_teacher(self, batch: TeacherBatch, model: LearnerTeacher) -> Teacher:
         raise NotImplementedError
+
+    def loss(self, hidden: torch.Tensor, lm_head: torch.nn.Module, teacher: Any, config: LossConfig,
+             normalizer: float | None) -> LossOutput:
+        """The fused loss of the student's ``hidden`` states at the response positions against ``teacher``."""
+        from learner.loss import gjs_loss
+
+        return gjs_loss(hidden, lm_head.weight, teacher, kind=self.name, beta=config.beta, temperature=config.tau,
+                        bias=getattr(lm_head, "bias", None), normalizer=normalizer, chunk_size=config.chunk_size,
+                        clip=config.clip, clip_mode=config.clip_mode if config.clip is not None else "token")
 
     def context_tokens(self, teacher: Any) -> int:
         """Tokens the learner runs for a row's teacher (0 unless the teacher runs in the learner)."""
@@ -193,6 +211,7 @@ class FullVocabulary(LossKind):
     name = "full"
     needs_teacher_stage = False
     runs_teacher_in_learner = True
+    needs_prompts = True
 
     def row_teachers(self, table, contexts):
         if contexts is None:

@@ -1,17 +1,21 @@
 """The OPSD distillation loss: generalized Jensen-Shannon divergence between student and teacher at every response
-token, fused with ``lm_head`` and computed a chunk of positions at a time, with a closed-form gradient.
+token, fused with ``lm_head`` and computed a chunk of positions at a time, with a closed-form gradient. The baselines'
+losses on the same machinery: cross-entropy on target tokens (SFT) and GRPO's clipped policy gradient.
 
     out = gjs_loss(hidden[mask], lm_head.weight, TopKTeacher(ids, logprobs, tail), kind="topk_tail", beta=0.5,
                    temperature=tau, normalizer=global_response_tokens)
+    out = token_loss(hidden[mask], lm_head.weight, PolicyTokens(ids, old_logprobs, advantages), clip_eps=0.2,
+                     temperature=tau, normalizer=global_response_tokens)
     out.loss.backward()
 
-Definitions, kinds, clip modes and the gradient formulas: docs/ARCHITECTURE.md ("The loss").
+Definitions, kinds, clip modes and the gradient formulas: docs/ARCHITECTURE.md ("The loss", "Baselines: SFT and
+GRPO").
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple
 
 import torch
@@ -62,7 +66,31 @@ class SampledTokenTeacher:
     logprob: torch.Tensor
 
 
+@dataclass(frozen=True)
+class TargetTokens:
+    """SFT: the tokens to predict, ``token_ids [...]``; the per-token loss is their negative log-likelihood."""
+
+    token_ids: torch.Tensor
+
+    def to(self, device: str) -> TargetTokens:
+        return TargetTokens(self.token_ids.to(device))
+
+
+@dataclass(frozen=True)
+class PolicyTokens:
+    """GRPO: the sampled tokens ``token_ids [...]``, the behaviour policy's log-prob of each as it was sampled
+    (``old_logprob [...]``) and the advantage of each token (its trace's, ``advantage [...]``)."""
+
+    token_ids: torch.Tensor
+    old_logprob: torch.Tensor
+    advantage: torch.Tensor
+
+    def to(self, device: str) -> PolicyTokens:
+        return PolicyTokens(self.token_ids.to(device), self.old_logprob.to(device), self.advantage.to(device))
+
+
 Teacher = FullTeacher | TopKTeacher | SampledTokenTeacher
+Targets = TargetTokens | PolicyTokens
 
 
 @dataclass(frozen=True)
@@ -70,7 +98,9 @@ class LossOutput:
     """``loss`` carries the gradient; the rest are detached statistics of the same call."""
 
     loss: torch.Tensor  # scalar (float32; float64 for float64 inputs): sum of clipped divergences / normalizer
-    divergence_sum: torch.Tensor  # scalar, same dtype: sum of the unclipped per-token divergences
+    # scalar, same dtype: sum of the unclipped per-token divergences (token_loss: the NLL for SFT, -ratio * advantage
+    # for GRPO)
+    divergence_sum: torch.Tensor
     num_tokens: int  # response tokens in this call
     num_clipped: int  # entries over the clip: tokens (token mode) or token x category entries (pointwise)
     # Entries the clip was applied to: num_tokens (token mode), num_tokens x categories (pointwise: V, k + 1, k or 1
@@ -102,7 +132,51 @@ def gjs_loss(
     ``clip`` (> 0) with ``clip_mode`` 'token' (default) or 'pointwise': docs/ARCHITECTURE.md ("The loss"). No
     clipping in any mode with ``clip=None``; ``clip_mode='none'`` with a ``clip`` is a contradiction (ValueError).
     """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r} (SFT and GRPO: token_loss)")
     _check_arguments(hidden, weight, teacher, kind, beta, temperature, chunk_size, clip, clip_mode)
+    # A sampled token has a single term: its pointwise clip is the token clip.
+    entry_wise = clip_mode == "pointwise" and kind != "sampled_token"
+    token_clip = None if entry_wise or clip is None else float(clip)
+    entry_clip = float(clip) if entry_wise and clip is not None else None
+    spec = _Spec(kind, type(teacher), float(beta), float(temperature), 0.0, int(chunk_size), token_clip, entry_clip)
+    return _fused(hidden, weight, bias, teacher, mask, normalizer, spec)
+
+
+def token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: Targets,
+    *,
+    clip_eps: float = 0.2,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    normalizer: float | None = None,
+    chunk_size: int = 1024,
+) -> LossOutput:
+    """A loss on one token per position, through ``lm_head`` (``weight``, ``bias``) a chunk at a time, with the
+    student's log-prob ``logp = log_softmax(z / temperature)[y]`` of the target token y:
+
+    * ``TargetTokens`` (SFT): ``-logp`` (cross-entropy; pass ``temperature=1``);
+    * ``PolicyTokens`` (GRPO): ``-min(r A, clip(r, 1 - clip_eps, 1 + clip_eps) A)`` with ``r = exp(logp -
+      old_logprob)``; ``num_clipped`` counts the tokens whose clip is active (no gradient).
+
+    ``mask``, ``normalizer`` and ``chunk_size`` as in :func:`gjs_loss`: the sum over the selected tokens is divided
+    by ``normalizer`` (the global batch's token count for a token-level mean). docs/ARCHITECTURE.md ("Baselines").
+    """
+    kind = _TARGET_KINDS.get(type(targets))
+    if kind is None:
+        raise TypeError(f"token_loss takes TargetTokens or PolicyTokens, got {type(targets).__name__}")
+    if not 0 < clip_eps < 1:
+        raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
+    _check_arguments(hidden, weight, targets, kind, 0.0, temperature, chunk_size, None, "none")
+    spec = _Spec(kind, type(targets), 0.0, float(temperature), 0.0, int(chunk_size), None, None, float(clip_eps))
+    return _fused(hidden, weight, bias, targets, mask, normalizer, spec)
+
+
+def _fused(hidden, weight, bias, teacher, mask, normalizer, spec: _Spec) -> LossOutput:
+    """Select the positions, check the teacher's shapes, and run the fused chunked loss of ``spec``."""
     lead = hidden.shape[:-1]
     if mask is not None:
         if mask.shape != lead or mask.dtype != torch.bool:
@@ -122,12 +196,7 @@ def gjs_loss(
     if normalizer <= 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
 
-    # A sampled token has a single term: its pointwise clip is the token clip.
-    entry_wise = clip_mode == "pointwise" and kind != "sampled_token"
-    token_clip = None if entry_wise or clip is None else float(clip)
-    entry_clip = float(clip) if entry_wise and clip is not None else None
-    spec = _Spec(kind, type(teacher), float(beta), float(temperature), float(normalizer), int(chunk_size),
-                 token_clip, entry_clip)
+    spec = replace(spec, normalizer=float(normalizer))
     loss, divergence_sum, num_clipped = _FusedDivergence.apply(rows, weight, bias, spec, *teacher_tensors)
     num_clip_entries = num_tokens * _clip_entries_per_token(spec, weight, teacher)
     return LossOutput(loss, divergence_sum.detach(), num_tokens, int(num_clipped), num_clip_entries)
@@ -148,10 +217,13 @@ class _Spec:
     chunk_size: int
     token_clip: float | None  # clip of each token's divergence (clip_mode 'token'; 'pointwise' for sampled_token)
     entry_clip: float | None  # clip of each category's term (clip_mode 'pointwise')
+    clip_eps: float = 0.0  # GRPO's ratio clip range
 
 
 def _clip_entries_per_token(spec: _Spec, weight: torch.Tensor, teacher: Teacher) -> int:
     """How many entries of one token the clip is applied to (0 without clipping)."""
+    if spec.kind == "grpo":
+        return 1
     if spec.token_clip is not None:
         return 1
     if spec.entry_clip is None:
@@ -167,11 +239,16 @@ def _tensors_of(teacher: Teacher) -> list[tuple[torch.Tensor | None, bool]]:
         return [(teacher.logits, True), (teacher.hidden, True), (teacher.weight, False), (teacher.bias, False)]
     if isinstance(teacher, TopKTeacher):
         return [(teacher.ids, True), (teacher.logprobs, True), (teacher.tail_logprob, True)]
+    if isinstance(teacher, TargetTokens):
+        return [(teacher.token_ids, True)]
+    if isinstance(teacher, PolicyTokens):
+        return [(teacher.token_ids, True), (teacher.old_logprob, True), (teacher.advantage, True)]
     return [(teacher.token_ids, True), (teacher.logprob, True)]
 
 
 _KIND_TEACHER = {"full": FullTeacher, "topk_tail": TopKTeacher, "topk_renorm": TopKTeacher,
-                 "sampled_token": SampledTokenTeacher}
+                 "sampled_token": SampledTokenTeacher, "sft": TargetTokens, "grpo": PolicyTokens}
+_TARGET_KINDS = {TargetTokens: "sft", PolicyTokens: "grpo"}
 
 
 def _check_arguments(hidden, weight, teacher, kind, beta, temperature, chunk_size, clip, clip_mode) -> None:
@@ -232,7 +309,7 @@ class _FusedDivergence(torch.autograd.Function):
                 keep = divergence <= spec.token_clip
                 num_clipped += (~keep).sum()
                 loss_sum += torch.where(keep, divergence, torch.full_like(divergence, spec.token_clip)).double().sum()
-            elif spec.entry_clip is not None:  # clipped per entry, gradient included, by _divergence_and_grad
+            elif clipped is not None:  # clipped by _divergence_and_grad, gradient included (pointwise, GRPO)
                 num_clipped += chunk_clipped
                 loss_sum += clipped.double().sum()
             else:
@@ -309,6 +386,8 @@ def _divergence_and_grad(spec: _Spec, s: torch.Tensor, teacher, want_grad: bool)
     """Per-token divergence ``[C]`` (unclipped and, with ``spec.entry_clip``, pointwise clipped) and the gradient of
     the loss term w.r.t. the tempered student logits u ``[C, V]`` (or None). The token clip is the caller's."""
     clip = spec.entry_clip
+    if spec.kind in ("sft", "grpo"):
+        return _token_objective(spec, s, teacher, want_grad)
     if spec.kind == "full":
         return _full(s, teacher, spec.beta, clip, want_grad)
     if spec.kind == "sampled_token":
@@ -325,6 +404,33 @@ def _divergence_and_grad(spec: _Spec, s: torch.Tensor, teacher, want_grad: bool)
     if spec.kind == "topk_renorm":
         return _topk_renorm(s, ids, top_logprobs.to(s.dtype), spec.beta, clip, want_grad)
     return _topk_tail(s, ids, top_logprobs.to(s.dtype), tail_logprob.to(s.dtype), spec.beta, clip, want_grad)
+
+
+def _token_objective(spec: _Spec, s: torch.Tensor, targets, want_grad: bool) -> _ChunkOutput:
+    """SFT's and GRPO's per-token loss from the tempered student log-probs ``s [C, V]``. Each is a function f of
+    logp = s[y] alone, so dD/du = f'(logp) (onehot(y) - p)."""
+    y = targets[0].long().unsqueeze(-1)
+    logp = s.gather(-1, y).squeeze(-1)
+    clipped = num_clipped = None
+    if spec.kind == "sft":
+        value = -logp
+        slope = torch.full_like(logp, -1.0)
+    else:
+        old_logprob, advantage = targets[1].to(s.dtype), targets[2].to(s.dtype)
+        ratio = (logp - old_logprob).exp()
+        low, high = 1.0 - spec.clip_eps, 1.0 + spec.clip_eps
+        value = -ratio * advantage  # the unclipped surrogate
+        clipped = -torch.minimum(ratio * advantage, ratio.clamp(low, high) * advantage)
+        # The clip is active where the min takes the clipped term and that term is constant in r; elsewhere the min
+        # is r A and its derivative in logp is r A. A zero advantage gives exactly zero.
+        active = ((advantage > 0) & (ratio > high)) | ((advantage < 0) & (ratio < low))
+        num_clipped = active.sum()
+        slope = torch.where(active, torch.zeros_like(ratio), -ratio * advantage)
+    if not want_grad:
+        return _ChunkOutput(value, clipped, num_clipped, None)
+    grad_u = s.exp_().neg_()  # -p, in place of s
+    grad_u.scatter_add_(-1, y, torch.ones_like(y, dtype=grad_u.dtype))  # onehot(y) - p
+    return _ChunkOutput(value, clipped, num_clipped, grad_u.mul_(slope.unsqueeze(-1)))
 
 
 # Log-probs of empty categories (a tail when k = V, an underflowed teacher tail) are raised to this floor: exp() of it

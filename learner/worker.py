@@ -1,4 +1,5 @@
-"""One learner rank: a DeepSpeed engine around a PEFT LoRA model, trained on the distillation loss.
+"""One learner rank: a DeepSpeed engine around a PEFT LoRA model, trained on the distillation loss (or a
+baseline's: SFT, GRPO).
 
     worker = LearnerWorker(model, LearnerConfig(), rank=0, world_size=1, total_steps=100)
     metrics = worker.train_step(micro_batches, global_tokens=..., num_micro_batches=...)
@@ -23,10 +24,9 @@ import numpy as np
 import torch
 
 from learner.batch import MicroBatch, empty_micro_batch
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, LearnerObjective
 from learner.ema import EmaWeights
 from learner.kinds import LearnerTeacher
-from learner.loss import gjs_loss
 from learner.schedule import build_scheduler
 from opsd.adapter import AdapterPayload
 from opsd.model import ModelSpec, as_model_spec, resolve_dtype
@@ -65,12 +65,14 @@ class LearnerWorker:
         total_steps: int = 1,
         seed: int = 0,
         ema_decay: float | None = None,
+        objective: LearnerObjective | None = None,
     ):
         """``ema_decay``: keep an EMA of the LoRA weights as the teacher (``teacher.kind=ema``); None: the teacher is
-        the frozen base model."""
+        the frozen base model. ``objective``: what to minimise (default: the distillation loss of ``config.loss``;
+        SFT and GRPO: docs/ARCHITECTURE.md, "Baselines")."""
         model_spec = as_model_spec(model)
         self.config = config
-        self.kind = config.loss.loss_kind
+        self.kind = (objective or LearnerObjective()).kind(config.loss)
         self.model_path = model_spec.path
         self.rank, self.world_size = rank, world_size
         self.total_steps = total_steps
@@ -263,7 +265,6 @@ class LearnerWorker:
         an in-process teacher is the base model, whatever the teacher kind)."""
         import deepspeed
 
-        loss = self.config.loss
         # The teacher first: an EMA swapped into the LoRA weights is undone before the student's forward records its
         # graph.
         teacher_model = self._teacher(frozen_teacher)
@@ -273,10 +274,7 @@ class LearnerWorker:
         # The fused loss reads lm_head's weight directly, outside the module's forward: under ZeRO-3 it must be
         # gathered first (read-only: lm_head is frozen under LoRA).
         with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), enabled=self.config.zero_stage == 3):
-            return gjs_loss(hidden[batch.response_mask], lm_head.weight, teacher, kind=self.kind.name,
-                            beta=loss.beta, temperature=loss.tau, bias=getattr(lm_head, "bias", None),
-                            normalizer=normalizer, chunk_size=loss.chunk_size, clip=loss.clip,
-                            clip_mode=loss.clip_mode if loss.clip is not None else "token")
+            return self.kind.loss(hidden[batch.response_mask], lm_head, teacher, self.config.loss, normalizer)
 
     def _idle_forwards(self, batch: MicroBatch) -> None:
         """The teacher forward an empty micro-batch stands in for (kinds that run the teacher here)."""

@@ -98,3 +98,30 @@ class TableRefs:
                 offset += rows
             out.append(pieces)
         return out
+
+
+def join_columns(table: pa.Table, columns: pa.Table) -> pa.Table:
+    """``table`` with the columns of ``columns`` (a small table keyed by ``sample_id``: per-row values a stage gets
+    besides the step table, e.g. GRPO's advantages) appended in ``table``'s row order; a column ``table`` already has
+    is replaced. Every row of ``table`` needs exactly one row in ``columns``. Schema metadata is kept."""
+    keys = columns.column("sample_id").to_pylist()
+    index = {key: i for i, key in enumerate(keys)}
+    if len(index) != len(keys):
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise TableError(f"sample {duplicate!r} appears twice in the columns sent with the step table")
+    ids = table.column("sample_id").to_pylist()
+    missing = [sample for sample in ids if sample not in index]
+    if missing:
+        names = ", ".join(name for name in columns.column_names if name != "sample_id")
+        raise TableError(f"sample {missing[0]!r} has no row in the columns sent with the step table ({names})")
+    take = pa.array([index[sample] for sample in ids], type=pa.int64())
+    for name in columns.column_names:
+        if name == "sample_id":
+            continue
+        values = columns.column(name).take(take)
+        field = columns.schema.field(name)
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), field, values)
+        else:
+            table = table.append_column(field, values)
+    return table

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Iterable, Literal
 
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, LearnerObjective
 from opsd.configlib import ConfigError, apply_overrides, check, from_dict, load_yaml, save_yaml, to_dict
 from opsd.model import ModelSpec
 from opsd.prompts import PromptConfig
@@ -85,10 +85,22 @@ class DataConfig:
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or null, got {self.limit}")
 
 
+METHODS = ("opsd", "sft", "grpo")
+
+
 @dataclass
 class TrainConfig:
-    """The training loop: length, batch, staleness, evaluation and checkpoints."""
+    """The training loop: method, length, batch, staleness, evaluation and checkpoints."""
 
+    method: Literal["opsd", "sft", "grpo"] = field(
+        default="opsd",
+        metadata={"doc": "What the learner trains on. 'opsd': distillation from the teacher (learner.loss). The "
+                  "baselines, on the same learner, LoRA, checkpoints and evaluation: 'sft': cross-entropy on the "
+                  "reference solutions after the student prompt (no rollouts, no teacher; rollout workers only for "
+                  "eval.every); 'grpo': rollout.n traces per prompt rewarded 1 when the final answer matches the "
+                  "problem's answer (math-verify), group-normalised advantages, the clipped policy gradient (grpo "
+                  "section; no KL term, no teacher)."},
+    )
     steps: int | None = field(
         default=None, metadata={"doc": "Training steps to run (>= 1). None: run `epochs` passes over the data."}
     )
@@ -150,7 +162,8 @@ class TrainConfig:
         default=True,
         metadata={"doc": "Grade each training trace's final answer (its last \\boxed{}) against its problem's "
                   "reference answer (math-verify, in the background) and log student_accuracy per step. OPSD never "
-                  "uses it. Rows without a reference answer are not graded."},
+                  "uses it; GRPO's rewards are these grades (so it must be true with method grpo). Rows without a "
+                  "reference answer are not graded."},
     )
     stage_timeout_s: float = field(
         default=3600.0,
@@ -181,6 +194,20 @@ class TrainConfig:
         check(bool(self.run_dir.strip()), "run_dir", "must name a directory")
         check(self.resume is None or bool(self.resume.strip()), "resume",
               "must be 'latest', a checkpoint directory, or null")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO (train.method=grpo): the group of a prompt is its rollout.n traces."""
+
+    clip_eps: float = field(
+        default=0.2,
+        metadata={"doc": "Clip range of the importance ratio r = exp(logp - old_logp): the per-token loss is "
+                  "-min(r A, clip(r, 1 - clip_eps, 1 + clip_eps) A). In (0, 1)."},
+    )
+
+    def validate(self) -> None:
+        check(0 < self.clip_eps < 1, "clip_eps", f"must be in (0, 1), got {self.clip_eps}")
 
 
 @dataclass
@@ -276,6 +303,7 @@ class OPSDConfig:
                                    metadata={"doc": "The teacher (frozen or EMA) and its scoring."})
     learner: LearnerConfig = field(default_factory=LearnerConfig, metadata={"doc": "LoRA learner and loss."})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Training loop."})
+    grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={"doc": "GRPO baseline (train.method=grpo)."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation on eval sets during training."})
     placement: PlacementConfig = field(default_factory=PlacementConfig, metadata={"doc": "Ray placement."})
     tracking: TrackingConfig = field(default_factory=TrackingConfig,
@@ -302,6 +330,7 @@ class OPSDConfig:
                 "learner.zero_stage 0 to 2, or a loss kind with teacher actors (topk_tail, topk_renorm, "
                 "sampled_token)",
             )
+        self._validate_method()
         if self.teacher.max_context_tokens is not None:
             check(
                 self.teacher.max_context_tokens > self.rollout.max_response_tokens,
@@ -309,6 +338,46 @@ class OPSDConfig:
                 f"must be > rollout.max_response_tokens ({self.rollout.max_response_tokens}): the teacher context "
                 f"holds the prompt, the solution and a full-length response; got {self.teacher.max_context_tokens}",
             )
+
+
+    def _validate_method(self) -> None:
+        """What the baselines (train.method sft, grpo) cannot do, or need."""
+        method = self.train.method
+        if method != "opsd":
+            if self.train.heldout_rows:
+                raise ConfigError("train.heldout_rows", f"must be 0 with train.method={method}: the held-out GJS "
+                                  f"measures the distance to OPSD's teacher, which {method} does not run; evaluate "
+                                  "with eval.every instead")
+            if self.teacher.kind == "ema":
+                raise ConfigError("teacher.kind", f"'ema' with train.method={method}: {method} runs no teacher")
+        if method != "grpo":
+            return
+        check(self.rollout.n >= 2, "rollout.n", f"must be >= 2 with train.method=grpo: the advantage is the reward "
+              f"normalised within the group of a prompt's rollout.n traces; got {self.rollout.n}")
+        check(self.rollout.temperature > 0, "rollout.temperature", "must be > 0 with train.method=grpo: greedy "
+              "traces of one prompt are all the same, so every group's advantage would be 0")
+        check(self.train.student_accuracy, "train.student_accuracy", "must be true with train.method=grpo: GRPO's "
+              "rewards are those grades")
+
+    @property
+    def runs_rollout_workers(self) -> bool:
+        """Rollout workers: every method that samples traces, and SFT only to evaluate (eval.every)."""
+        return self.train.method != "sft" or self.eval.every > 0
+
+    @property
+    def runs_teacher_actors(self) -> bool:
+        return self.train.method == "opsd" and self.learner.loss.loss_kind.needs_teacher_stage
+
+    @property
+    def grades_traces(self) -> bool:
+        """The training traces' answers are graded (train.student_accuracy; GRPO's rewards). SFT samples none."""
+        return self.train.student_accuracy and self.train.method != "sft"
+
+    def learner_objective(self) -> LearnerObjective:
+        """What the learner minimises: OPSD's loss (learner.loss), SFT's cross-entropy on solutions cut at
+        rollout.max_response_tokens (the traces' budget), or GRPO's clipped policy gradient."""
+        return LearnerObjective(self.train.method, clip_eps=self.grpo.clip_eps,
+                                max_target_tokens=self.rollout.max_response_tokens)
 
 
 # Keys of the teacher section that only the teacher actors read (the rest shape the teacher context, which the
@@ -320,19 +389,44 @@ GPU_ONLY_ROLLOUT_KEYS = ("gpu_memory_utilization", "tensor_parallel_size")
 
 def ineffective_keys(cfg: OPSDConfig, on_cpu: bool) -> list[str]:
     """Keys set to a non-default value that do nothing in this run (an EMA decay with the frozen teacher; the loss kind
-    runs no teacher actors; CPU-only settings on GPU and the reverse), each with why: the driver prints them as
-    warnings."""
-    notes = []
-    if cfg.teacher.kind == "frozen":
+    runs no teacher actors; what a baseline method does not use; CPU-only settings on GPU and the reverse), each with
+    why, and GRPO's sampling filters that make its ratios start away from 1: the driver prints them as warnings."""
+    notes = _method_notes(cfg)
+    if cfg.train.method == "opsd" and cfg.teacher.kind == "frozen":
         notes += [f"teacher.{key} has no effect: teacher.kind=frozen keeps no EMA"
                   for key in _changed(cfg.teacher, ("ema_decay",))]
-    if not cfg.learner.loss.loss_kind.needs_teacher_stage:
+    if cfg.train.method == "opsd" and not cfg.learner.loss.loss_kind.needs_teacher_stage:
         notes += [f"teacher.{key} has no effect: learner.loss.kind={cfg.learner.loss.kind} runs no teacher actors "
                   "(the learner scores with its own frozen base)" for key in _changed(cfg.teacher, TEACHER_ACTOR_KEYS)]
     if on_cpu:
         notes += [f"rollout.{key} has no effect on CPU engines" for key in _changed(cfg.rollout, GPU_ONLY_ROLLOUT_KEYS)]
     else:
         notes += [f"rollout.{key} has no effect on GPU engines" for key in _changed(cfg.rollout, CPU_ONLY_ROLLOUT_KEYS)]
+    return notes
+
+
+def _method_notes(cfg: OPSDConfig) -> list[str]:
+    method = cfg.train.method
+    notes = []
+    if method != "grpo":
+        notes += [f"grpo.{key} has no effect: train.method={method}" for key in _changed(cfg.grpo, ("clip_eps",))]
+    if method == "opsd":
+        return notes
+    notes += [f"teacher.{key} has no effect: train.method={method} runs no teacher"
+              for key in _changed(cfg.teacher, [f.name for f in fields(cfg.teacher)])]
+    loss_keys = ["kind", "beta", "clip_mode", "clip"]
+    if method == "sft":  # cross-entropy at temperature 1, on solutions: no sampling either (eval has its own)
+        loss_keys += ["allow_temperature_mismatch"]
+        notes += [f"rollout.{key} has no effect: train.method=sft samples no traces (evaluation uses eval.*)"
+                  for key in _changed(cfg.rollout, ("n", "temperature", "top_p", "top_k", "seed"))]
+        notes += [f"train.{key} has no effect: train.method=sft samples no traces"
+                  for key in _changed(cfg.train, ("max_staleness",))]
+    notes += [f"learner.loss.{key} has no effect: train.method={method} does not distil"
+              for key in _changed(cfg.learner.loss, loss_keys)]
+    if method == "grpo" and (cfg.rollout.top_p < 1 or cfg.rollout.top_k != -1):
+        notes.append("rollout.top_p/top_k with train.method=grpo: the behaviour log-probs are vLLM's after the "
+                     "top-p/top-k filter, the learner's are over the whole vocabulary, so the ratios start away "
+                     "from 1 and more tokens are clipped")
     return notes
 
 

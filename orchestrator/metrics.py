@@ -16,7 +16,8 @@ from opsd.atomic import write_text_atomic
 # name -> description, for the gauges of the dashboard
 GAUGES: dict[str, str] = {
     "step": "Training step just finished",
-    "loss": "Token-level mean distillation loss of the step (clipped divergences)",
+    "loss": "Token-level mean loss of the step: the clipped divergences (OPSD), the NLL (SFT), the clipped surrogate "
+            "(GRPO)",
     "gjs": "Mean generalized Jensen-Shannon divergence per response token",
     "grad_norm": "Global gradient norm before clipping",
     "clip_fraction": "Fraction of tokens (clip_mode token) or vocabulary entries (pointwise) whose divergence was capped",
@@ -31,6 +32,10 @@ GAUGES: dict[str, str] = {
     "skipped_rows": "Rows left out of the step (over-long prompts or contexts)",
     "heldout_gjs": "Mean GJS per token on the held-out traces (when evaluated)",
     "student_accuracy": "Fraction of the step's traces whose final answer matches the reference (not used by OPSD)",
+    "generated_tokens": "Tokens the rollout workers sampled for the step's training traces (0 for SFT)",
+    "generated_tokens_total": "Training tokens sampled so far in the run: the x axis of accuracy against tokens",
+    "reward_mean": "GRPO: mean reward of the step's traces (1: the final answer matches the reference)",
+    "zero_advantage_groups": "GRPO: share of the step's prompts whose traces all got the same reward (no gradient)",
 }
 STAGE_GAUGES: dict[str, str] = {
     "tokens_per_second": "Tokens per second of a stage",

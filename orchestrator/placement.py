@@ -177,7 +177,8 @@ class PoolRequest:
 @dataclass(frozen=True)
 class PlanRequest:
     """The pools a job needs and how they may share the cluster (``placement.mode``). A training run asks for its
-    three stages (no teacher when the loss kind runs the teacher in the learner); ``opsd eval`` for rollout only."""
+    three stages (no teacher when the loss kind runs the teacher in the learner or the method has none; no rollout
+    workers for SFT without evaluation); ``opsd eval`` for rollout only."""
 
     pools: tuple[PoolRequest, ...]
     mode: Literal["auto", "split", "colocate", "cpu"] = "auto"
@@ -187,8 +188,10 @@ class PlanRequest:
 
     @classmethod
     def from_config(cls, cfg: OPSDConfig) -> PlanRequest:
-        pools = [PoolRequest("rollout", cfg.rollout.num_workers, cfg.rollout.gpus_per_worker)]
-        if cfg.learner.loss.loss_kind.needs_teacher_stage:
+        pools = []
+        if cfg.runs_rollout_workers:
+            pools.append(PoolRequest("rollout", cfg.rollout.num_workers, cfg.rollout.gpus_per_worker))
+        if cfg.runs_teacher_actors:
             pools.append(PoolRequest("teacher", cfg.teacher.num_workers, cfg.teacher.gpus_per_worker))
         pools.append(PoolRequest("learner", cfg.learner.num_workers, cfg.learner.gpus_per_worker))
         return cls(tuple(pools), cfg.placement.mode, cfg.placement.autoscaling, cfg.rollout.tensor_parallel_size,

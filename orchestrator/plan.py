@@ -24,10 +24,21 @@ def describe_run(cfg: OPSDConfig, cluster: ClusterView, node_cores: int | None =
     rows = cfg.train.prompts_per_step * cfg.rollout.n
     kind = cfg.learner.loss.loss_kind
     rollout, learner = plan.num_actors("rollout"), plan.num_actors("learner")
-    lines.append(f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.n} rollouts = {rows} traces of up to "
-                 f"{cfg.rollout.max_response_tokens} tokens; ~{math.ceil(rows / rollout)} per rollout engine, "
-                 f"~{math.ceil(rows / learner)} per learner rank")
-    if kind.needs_teacher_stage:
+    method = cfg.train.method
+    if method == "sft":
+        lines.append(f"step: {cfg.train.prompts_per_step} reference solutions (up to "
+                     f"{cfg.rollout.max_response_tokens} tokens) after their student prompts; "
+                     f"~{math.ceil(cfg.train.prompts_per_step / learner)} per learner rank; nothing sampled"
+                     + (" (rollout workers for evaluation only)" if rollout else ""))
+    else:
+        lines.append(f"step: {cfg.train.prompts_per_step} prompts x {cfg.rollout.n} rollouts = {rows} traces of up to "
+                     f"{cfg.rollout.max_response_tokens} tokens; ~{math.ceil(rows / rollout)} per rollout engine, "
+                     f"~{math.ceil(rows / learner)} per learner rank")
+    if method != "opsd":
+        what = "cross-entropy on the reference solutions" if method == "sft" else \
+            f"rewards graded against each answer, the clipped policy gradient (clip_eps {cfg.grpo.clip_eps})"
+        lines.append(f"teacher: none (train.method={method}: {what})")
+    elif kind.needs_teacher_stage:
         lines.append(f"teacher: {plan.num_actors('teacher')} teacher actor(s), top-{cfg.teacher.top_k} + tail sent "
                      f"to the learner (loss {kind.name})")
     else:

@@ -1,11 +1,11 @@
-"""The stage pools of a training run, started in the resource plan's bundles, and stopped together.
+"""The stage pools of a training run, started in the resource plan's bundles, and stopped together; and the run's
+method (``orchestrator.methods``), which says what a step samples and what the learner trains on.
 
     stages = Stages.start(cfg, total_steps)
-    rollouts = stages.rollout.collect(stages.rollout.launch(problems))
-    scored = stages.score(rollouts)
-    metrics = stages.learner.train_step(scored.tables)
-    stages.rollout.load_adapter(stages.learner.export_adapter())
-    stages.sync_teacher()                  # teacher.kind=ema: the learner's EMA adapter on the teacher actors
+    rollouts = stages.collect(stages.launch(problems))    # SFT: the problems, nothing sampled
+    inputs = stages.learner_inputs(rollouts, grader)      # OPSD: the teacher's scores; GRPO: rewards, advantages
+    metrics = stages.learner.train_step(inputs.tables, inputs.columns)
+    stages.push_adapter(stages.learner.export_adapter())  # the rollout workers; with teacher.kind=ema the teacher's
 """
 
 from __future__ import annotations
@@ -14,11 +14,16 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import pyarrow as pa
+
 from learner.group import FullTeacherSettings, LearnerGroup
 from opsd.lora import engine_lora_rank
+from opsd.adapter import AdapterPayload
+from orchestrator.accuracy import StudentAccuracy
 from orchestrator.config import OPSDConfig
+from orchestrator.methods import LearnerInputs, Method, ProblemBatch, method_for
 from orchestrator.placement import ClusterView, Reservation, ResourcePlan, reserve
-from rollout.pool import RolloutPool, Rollouts
+from rollout.pool import RolloutBatch, RolloutPool, Rollouts
 from teacher.pool import Scored, TeacherPool
 
 
@@ -27,7 +32,7 @@ def new_learner_group(cfg: OPSDConfig, total_steps: int, reservation: Reservatio
     return LearnerGroup(
         cfg.model, cfg.learner, total_steps=total_steps, seed=cfg.train.seed, expected_top_k=cfg.teacher.top_k,
         full_teacher=FullTeacherSettings(cfg.prompt, teacher_context_tokens(cfg), cfg.teacher.on_overlength),
-        ema_decay=cfg.teacher.ema_decay if cfg.teacher.kind == "ema" else None,
+        ema_decay=cfg.teacher.ema_decay if cfg.teacher.kind == "ema" else None, objective=cfg.learner_objective(),
         actor_options=reservation.stage_options("learner"), timeout_s=cfg.train.stage_timeout_s,
         log_dir=log_dir, torch_threads=cpu_threads(cfg, reservation.plan, "learner"),
     )
@@ -50,10 +55,11 @@ def teacher_context_tokens(cfg: OPSDConfig) -> int:
 
 @dataclass
 class Stages:
-    rollout: RolloutPool
-    teacher: TeacherPool | None  # None when the loss kind runs the teacher inside the learner
+    rollout: RolloutPool | None  # None for SFT without evaluation (eval.every 0): nothing is ever sampled
+    teacher: TeacherPool | None  # None when the loss kind runs the teacher inside the learner, or with no teacher
     learner: LearnerGroup
     reservation: Reservation
+    method: Method
     log_dir: str | None = None
 
     @classmethod
@@ -68,9 +74,12 @@ class Stages:
                               autoscaling=cfg.placement.autoscaling, log=log)
         timeout = cfg.train.stage_timeout_s
         try:
-            rollout = RolloutPool(cfg.model, cfg.rollout, cfg.prompt, actor_options=reservation.stage_options("rollout"),
-                                  max_lora_rank=engine_lora_rank(cfg.learner.lora.rank), call_timeout_s=timeout,
-                                  log=log, log_dir=log_dir)
+            rollout = None
+            if plan.num_actors("rollout"):
+                rollout = RolloutPool(cfg.model, cfg.rollout, cfg.prompt,
+                                      actor_options=reservation.stage_options("rollout"),
+                                      max_lora_rank=engine_lora_rank(cfg.learner.lora.rank), call_timeout_s=timeout,
+                                      log=log, log_dir=log_dir)
             teacher = None
             if plan.num_actors("teacher"):
                 teacher = TeacherPool(cfg.model, cfg.teacher, cfg.prompt, temperature=cfg.learner.loss.tau,
@@ -81,8 +90,27 @@ class Stages:
         except BaseException:
             reservation.release()  # removing the placement groups kills every actor placed in them
             raise
-        return cls(rollout, teacher, learner, reservation, log_dir)
+        return cls(rollout, teacher, learner, reservation, method_for(cfg), log_dir)
 
+    # -- the method's pieces of a step ---------------------------------------------------------------------------
+    def launch(self, problems: pa.Table) -> RolloutBatch | ProblemBatch:
+        """Start a step's batch: sampling on the rollout workers (SFT: nothing to sample)."""
+        return self.method.launch(self, problems)
+
+    def collect(self, batch: RolloutBatch | ProblemBatch) -> Rollouts:
+        return self.method.collect(self, batch)
+
+    def learner_inputs(self, rollouts: Rollouts, accuracy: StudentAccuracy | None) -> LearnerInputs:
+        return self.method.learner_inputs(self, rollouts, accuracy)
+
+    def push_adapter(self, payload: AdapterPayload | None) -> None:
+        """Serve ``payload`` (None: the base model) on the rollout workers, if any; with an EMA teacher, the
+        learner's EMA adapter on the teacher actors."""
+        if self.rollout is not None:
+            self.rollout.load_adapter(payload)
+        self.sync_teacher()
+
+    # -- the stages ------------------------------------------------------------------------------------------------
     def score(self, rollouts: Rollouts) -> Scored:
         """The teacher's columns for the rollouts, or the rollouts as they are when the learner is the teacher."""
         if self.teacher is None:
@@ -102,12 +130,14 @@ class Stages:
 
     @property
     def replaced(self) -> int:
-        return self.rollout.replaced + (self.teacher.replaced if self.teacher is not None else 0)
+        return (self.rollout.replaced if self.rollout is not None else 0) + \
+            (self.teacher.replaced if self.teacher is not None else 0)
 
     def shutdown(self) -> None:
         try:
             self.learner.shutdown()
-            self.rollout.shutdown()
+            if self.rollout is not None:
+                self.rollout.shutdown()
             if self.teacher is not None:
                 self.teacher.shutdown()
         finally:

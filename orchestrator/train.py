@@ -1,4 +1,5 @@
-"""The OPSD training loop on Ray: rollout -> teacher -> learner -> adapter push, one step after another.
+"""The OPSD training loop on Ray: rollout -> teacher -> learner -> adapter push, one step after another. The SFT and
+GRPO baselines (train.method) run the same loop with their own pieces (:mod:`orchestrator.methods`).
 
     opsd train --config recipes/tiny-cpu.yaml [key=value ...]
     ray job submit --working-dir . -- python -m orchestrator.train --config recipes/tiny-cpu.yaml
@@ -19,7 +20,7 @@ import time  # noqa: E402
 from concurrent.futures import Future  # noqa: E402
 from dataclasses import dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable, Sequence  # noqa: E402
+from typing import Any, Callable, Sequence  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
@@ -29,15 +30,16 @@ from opsd.adapter import AdapterPayload, write_adapter_dir  # noqa: E402
 from opsd.atomic import write_text_atomic  # noqa: E402
 from opsd.configlib import ConfigError  # noqa: E402
 from orchestrator.config import OPSDConfig, ineffective_keys, load_config, save_config  # noqa: E402
-from opsd.data import load_dataset  # noqa: E402
+from opsd.data import DataError, load_dataset  # noqa: E402
 from orchestrator.metrics import MetricsSink, read_metrics, run_throughput  # noqa: E402
 from orchestrator import checkpoints  # noqa: E402
 from orchestrator.accuracy import StudentAccuracy  # noqa: E402
+from orchestrator.methods import method_for  # noqa: E402
 from orchestrator.placement import logical_cpus  # noqa: E402
 from orchestrator.sampler import Cursor, EpochSampler  # noqa: E402
 from orchestrator.stages import Stages  # noqa: E402
 from orchestrator.tracking import Trackers  # noqa: E402
-from rollout.pool import RolloutBatch, Rollouts  # noqa: E402
+from rollout.pool import Rollouts  # noqa: E402
 from teacher.pool import Scored  # noqa: E402
 
 
@@ -53,7 +55,12 @@ class TrainingData:
 
 def prepare_data(cfg: OPSDConfig) -> TrainingData:
     """Load and check the data (bad input fails here, before any actor starts); hold out the last rows."""
-    problems, report = load_dataset(cfg.data, required=("problem", "solution"))
+    method = method_for(cfg)
+    try:
+        problems, report = load_dataset(cfg.data, required=method.data_fields)
+    except DataError as e:
+        raise DataError(f"train.method={method.name} needs {' and '.join(method.data_fields)} in every row: {e}") \
+            from None
     held_out = None
     if cfg.train.heldout_rows:
         if cfg.train.heldout_rows >= problems.num_rows:
@@ -75,6 +82,7 @@ class ResumePoint:
     step: int  # steps already done
     cursor: Cursor
     heldout_gjs: dict[int, float]
+    generated_tokens: int = 0  # training tokens sampled up to the checkpoint
 
 
 def find_resume_point(cfg: OPSDConfig, total_steps: int, log: Callable[[str], None] = print) -> ResumePoint | None:
@@ -101,7 +109,8 @@ def find_resume_point(cfg: OPSDConfig, total_steps: int, log: Callable[[str], No
         raise ConfigError("train.resume", f"{checkpoint} is at step {state['group_step']}: nothing left of the "
                           f"{total_steps} steps this config runs (raise train.steps or train.epochs)")
     return ResumePoint(checkpoint.resolve(), state["group_step"], Cursor(**state["cursor"]),
-                       {int(k): v for k, v in state.get("heldout_gjs", {}).items()})
+                       {int(k): v for k, v in state.get("heldout_gjs", {}).items()},
+                       state.get("generated_tokens_total", 0))
 
 
 @dataclass(frozen=True)
@@ -128,10 +137,10 @@ class AfterStep:
 
 @dataclass
 class InFlight:
-    """A step's problems being sampled, and the data cursor they were drawn from (where a resume samples them
-    again: rollouts in flight are not part of a checkpoint)."""
+    """A step's problems being sampled (SFT: just drawn), and the data cursor they were drawn from (where a resume
+    samples them again: rollouts in flight are not part of a checkpoint)."""
 
-    batch: RolloutBatch
+    batch: Any  # RolloutBatch, or methods.ProblemBatch
     cursor: Cursor
 
 
@@ -145,43 +154,50 @@ class StepResult:
     sync_seconds: float
     next: InFlight | None  # the next step's batch, when it was launched before the update (max_staleness 1)
     accuracy: Future | None = None  # the traces' graded answers (train.student_accuracy), computed meanwhile
+    method: str = "opsd"
+    metrics: dict[str, float] = field(default_factory=dict)  # the method's own (GRPO: reward_mean, ...)
 
 
 def launch(stages: Stages, sampler: EpochSampler) -> InFlight:
     cursor = Cursor(**sampler.cursor.__dict__)
-    return InFlight(stages.rollout.launch(sampler.next_batch()), cursor)
+    return InFlight(stages.launch(sampler.next_batch()), cursor)
 
 
 def train_step(stages: Stages, in_flight: InFlight, prefetch: Callable[[], InFlight] | None,
                accuracy: StudentAccuracy | None = None) -> StepResult:
     """One step: gather the rollouts in flight, score them, one learner update, the new adapter to every rollout
     worker. ``prefetch`` (max_staleness 1) launches the next batch right after the rollouts, on the old adapter;
-    ``accuracy`` grades the traces' answers in the background meanwhile."""
+    ``accuracy`` grades the traces' answers (in the background; GRPO waits: they are its rewards). The method's
+    pieces (train.method): SFT samples nothing and trains on the problems; GRPO's learner input is advantages."""
     started = time.perf_counter()
-    rollouts = stages.rollout.collect(in_flight.batch)
-    seconds = {"rollout": time.perf_counter() - started}
+    rollouts = stages.collect(in_flight.batch)
+    seconds = {"rollout": time.perf_counter() - started} if stages.method.samples else {}
     following = prefetch() if prefetch is not None else None
-    graded = accuracy.submit(rollouts.summary) if accuracy is not None else None
+    inputs = stages.learner_inputs(rollouts, accuracy)  # OPSD: the teacher's scores; GRPO: rewards -> advantages
+    seconds.update(inputs.seconds)
     t0 = time.perf_counter()
-    scored = stages.score(rollouts)
-    seconds["teacher"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    learned = stages.learner.train_step(scored.tables)
+    learned = stages.learner.train_step(inputs.tables, inputs.columns)
     seconds["learner"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     adapter = stages.learner.export_adapter()
     if not learned.skipped:
-        stages.rollout.load_adapter(adapter)
-        stages.sync_teacher()
-    return StepResult(rollouts, scored, learned, adapter, seconds, time.perf_counter() - t0, following, graded)
+        stages.push_adapter(adapter)
+    return StepResult(rollouts, inputs.scored, learned, adapter, seconds, time.perf_counter() - t0, following,
+                      inputs.accuracy, stages.method.name, inputs.metrics)
 
 
 @dataclass
 class Progress:
-    """What the run has measured so far: held-out GJS and eval-set results by step."""
+    """What the run has measured so far: held-out GJS and eval-set results by step, training tokens sampled."""
 
     heldout_gjs: dict[int, float] = field(default_factory=dict)
     eval_sets: dict[int, dict[str, float]] = field(default_factory=dict)
+    generated_tokens: int = 0
+
+    def count_generated(self, record: dict) -> None:
+        """Add the step's sampled tokens to the run's and write the running sum into the record."""
+        self.generated_tokens += record["generated_tokens"]
+        record["generated_tokens_total"] = self.generated_tokens
 
 
 def train(cfg: OPSDConfig, print_fn=print, verbose: bool = False) -> Path:
@@ -195,10 +211,12 @@ def train(cfg: OPSDConfig, print_fn=print, verbose: bool = False) -> Path:
     save_config(cfg, run_dir / "config.yaml")
     trackers = Trackers(cfg)  # tracking.backends: a package missing fails here, before Ray starts
     sampler, total_steps = data.sampler, data.total_steps
+    what = f"loss {cfg.learner.loss.kind}" if cfg.train.method == "opsd" else f"method {cfg.train.method}"
     print_fn(f"opsd: {data.description}; {total_steps} steps of {cfg.train.prompts_per_step} prompts; "
-             f"loss {cfg.learner.loss.kind}; run dir {run_dir}")
+             f"{what}; run dir {run_dir}")
     evaluator = evaluator_for(cfg)  # bad eval set files fail here, before Ray starts
-    accuracy = StudentAccuracy() if cfg.train.student_accuracy else None
+    # GRPO waits for the grades (its rewards): more grading processes there.
+    accuracy = StudentAccuracy(processes=1 if cfg.train.method != "grpo" else 4) if cfg.grades_traces else None
     progress = Progress()
     log_dir = None if verbose else str(run_dir / "logs")
     with trackers, ray_session(cfg.placement.address, num_cpus=logical_cpus(cfg), log_to_driver=verbose) as session:
@@ -273,6 +291,7 @@ def run_step(loop: Loop, step: int) -> None:
     result = train_step(stages, loop.in_flight, prefetch, loop.accuracy)
     loop.in_flight = result.next
     record = step_record(step, sampler, result, stages.learner.version, stages.replaced)
+    loop.progress.count_generated(record)
     if result.accuracy is not None:
         record.update(result.accuracy.result(timeout=cfg.train.stage_timeout_s))
     if after.eval_sets:
@@ -302,7 +321,7 @@ def recover_learner(loop: Loop, lost: LearnerLost, resumed_from: ResumePoint | N
         raise RuntimeError(f"a learner rank died {loop.learner_restarts} times (train.learner_restarts="
                            f"{cfg.train.learner_restarts}); resume with train.resume=latest") from lost
     if loop.in_flight is not None:  # rows sampled for a step that is now replayed: drop them
-        stages.rollout.collect(loop.in_flight.batch)
+        stages.collect(loop.in_flight.batch)
     stages.restart_learner(cfg, loop.total_steps)
     checkpoint = checkpoints.newest_valid(cfg.train.run_dir, loop.print_fn)
     point = find_resume_point(replace(cfg, train=replace(cfg.train, resume=str(checkpoint))), loop.total_steps) \
@@ -312,8 +331,8 @@ def recover_learner(loop: Loop, lost: LearnerLost, resumed_from: ResumePoint | N
     else:
         step = 0
         loop.sampler.cursor = Cursor()
-        stages.rollout.load_adapter(None)
-        stages.sync_teacher()
+        loop.progress.generated_tokens = 0
+        stages.push_adapter(None)
     for measured in (loop.progress.heldout_gjs, loop.progress.eval_sets):
         for later in [s for s in measured if s > step]:
             del measured[later]
@@ -330,9 +349,9 @@ def restore(stages: Stages, sampler: EpochSampler, resume: ResumePoint, progress
     stages.learner.load_checkpoint(resume.checkpoint)
     sampler.cursor = resume.cursor
     progress.heldout_gjs.update(resume.heldout_gjs)
+    progress.generated_tokens = resume.generated_tokens
     version = stages.learner.version
-    stages.rollout.load_adapter(stages.learner.export_adapter() if version else None)  # v0: the base model
-    stages.sync_teacher()
+    stages.push_adapter(stages.learner.export_adapter() if version else None)  # v0: the base model
     print_fn(f"opsd: resumed from {resume.checkpoint} at step {resume.step} (adapter v{version})")
     return resume.step
 
@@ -350,7 +369,8 @@ def save_outputs(stages: Stages, cfg: OPSDConfig, done: int, after: AfterStep, a
         if after.checkpoint:
             target = checkpoints.checkpoint_dir(run_dir, done)
             cursor = in_flight.cursor if in_flight is not None else sampler.cursor
-            stages.learner.save_checkpoint(target, {"cursor": cursor.__dict__, "heldout_gjs": progress.heldout_gjs})
+            stages.learner.save_checkpoint(target, {"cursor": cursor.__dict__, "heldout_gjs": progress.heldout_gjs,
+                                                    "generated_tokens_total": progress.generated_tokens})
             checkpoints.prune(run_dir, cfg.train.keep_checkpoints,
                               progress.heldout_gjs if cfg.train.keep_best_checkpoint else None)
     except (OSError, ray.exceptions.RayTaskError) as exc:
@@ -365,12 +385,14 @@ def save_outputs(stages: Stages, cfg: OPSDConfig, done: int, after: AfterStep, a
 def finish(run_dir: Path, total_steps: int, version: int, progress: Progress, print_fn) -> dict:
     throughput = run_throughput(read_metrics(run_dir))
     summary = {"steps": total_steps, "final_adapter_version": version, "run_dir": str(run_dir),
-               "heldout_gjs": progress.heldout_gjs, "tokens_per_second": throughput, "eval": progress.eval_sets}
+               "heldout_gjs": progress.heldout_gjs, "tokens_per_second": throughput, "eval": progress.eval_sets,
+               "generated_tokens_total": progress.generated_tokens}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if progress.heldout_gjs:
         first, final = progress.heldout_gjs[0], progress.heldout_gjs[max(progress.heldout_gjs)]
         print_fn(f"opsd: held-out GJS {first:.5f} before, {final:.5f} after ({(final - first) / first:+.1%})")
-    print_fn("opsd: tokens/s over the run: " + ", ".join(f"{stage} {rate:,.0f}" for stage, rate in throughput.items()))
+    print_fn("opsd: tokens/s over the run: " + ", ".join(f"{stage} {rate:,.0f}" for stage, rate in throughput.items())
+             + f"; {progress.generated_tokens:,} training tokens sampled")
     print_fn(f"opsd: run directory {run_dir.resolve()} (curves: opsd plot {run_dir})")
     return summary
 
@@ -407,8 +429,10 @@ def step_record(step: int, sampler: EpochSampler, result: StepResult, adapter_ve
     summary, learned = result.rollouts.summary, result.learned
     stats = summary.stats
     lengths = summary.response_lengths or (0,)
+    sampled = stats.samples > 0  # SFT samples nothing: no rollout length or truncation to report
     record = {
-        "step": step + 1, "epoch": sampler.cursor.epoch, "loss": learned.loss, "gjs": learned.gjs,
+        "step": step + 1, "epoch": sampler.cursor.epoch, "loss": learned.loss,
+        "gjs": learned.gjs if result.method == "opsd" else None,  # SFT: loss is the NLL; GRPO: the clipped surrogate
         "grad_norm": learned.grad_norm, "learning_rate": learned.lr, "tokens": learned.tokens,
         "clip_fraction": learned.clip_fraction,
         "rows": summary.rows, "skipped": learned.skipped, "skip_reason": learned.skip_reason,
@@ -416,28 +440,40 @@ def step_record(step: int, sampler: EpochSampler, result: StepResult, adapter_ve
         "sample_ids": list(summary.sample_ids), "policy_versions": sorted(set(summary.policy_versions)),
         "policy_staleness": learned.staleness_mean, "step_seconds": sum(result.seconds.values()) + result.sync_seconds,
         "adapter_sync_seconds": result.sync_seconds,
-        "rollout_length_mean": sum(lengths) / len(lengths),
-        "truncation_rate": stats.truncated / max(stats.samples, 1),
+        "rollout_length_mean": sum(lengths) / len(lengths) if sampled else None,
+        "truncation_rate": stats.truncated / stats.samples if sampled else None,
+        # Training tokens the rollout workers sampled for this step (accuracy vs tokens: the efficiency axis).
+        "generated_tokens": stats.generated_tokens,
         "adapter_version": adapter_version, "workers_replaced": replaced,
         # The teacher this step's table was scored with: 0 the base model, n the EMA after n applied steps.
         "teacher_version": result.scored.teacher_version if result.scored.teacher_version is not None
         else learned.teacher_version,
     }
     stage_tokens = {"rollout": stats.generated_tokens, "teacher": result.scored.tokens, "learner": learned.tokens}
-    for stage, secs in result.seconds.items():
+    for stage, secs in result.seconds.items():  # the stages the method ran, and GRPO's reward grading
         record[f"stage_seconds/{stage}"] = secs
-        record[f"tokens_per_second/{stage}"] = stage_tokens[stage] / secs if secs > 0 else 0.0
+        if stage in stage_tokens:
+            record[f"tokens_per_second/{stage}"] = stage_tokens[stage] / secs if secs > 0 else 0.0
+    record.update(result.metrics)
     return record
 
 
 def progress_line(r: dict, total_steps: int, eta_s: float | None = None) -> str:
-    accuracy = r.get("student_accuracy")
-    return (f"step {r['step']}/{total_steps} | loss {r['loss']:.5f} | gjs {r['gjs']:.5f} | "
-            + (f"acc {accuracy:.2f} | " if isinstance(accuracy, float) and accuracy == accuracy else "")
-            + f"tok/s rollout {r['tokens_per_second/rollout']:,.0f} teacher {r['tokens_per_second/teacher']:,.0f} "
-            f"learner {r['tokens_per_second/learner']:,.0f} | {r['step_seconds']:.1f} s"
-            + (f" | ETA {_duration(eta_s)}" if eta_s is not None and r["step"] < total_steps else "")
-            + (f" | skipped: {r['skip_reason']}" if r["skipped"] else ""))
+    def number(key: str, fmt: str) -> str:
+        value = r.get(key)
+        return format(value, fmt) if isinstance(value, (int, float)) and value == value else ""
+
+    parts = [f"step {r['step']}/{total_steps}", f"loss {r['loss']:.5f}"]
+    parts += [f"{label} {number(key, fmt)}" for label, key, fmt in
+              (("gjs", "gjs", ".5f"), ("reward", "reward_mean", ".2f"), ("acc", "student_accuracy", ".2f"))
+              if number(key, fmt)]
+    rates = " ".join(f"{stage} {number(f'tokens_per_second/{stage}', ',.0f')}" for stage in ("rollout", "teacher",
+                                                                                            "learner")
+                     if number(f"tokens_per_second/{stage}", ",.0f"))
+    parts += [f"tok/s {rates}", f"{r['step_seconds']:.1f} s"]
+    if eta_s is not None and r["step"] < total_steps:
+        parts.append(f"ETA {_duration(eta_s)}")
+    return " | ".join(parts) + (f" | skipped: {r['skip_reason']}" if r["skipped"] else "")
 
 
 def _duration(seconds: float) -> str:

@@ -81,3 +81,30 @@ def test_plot_adds_a_panel_for_the_students_accuracy_when_graded(tmp_path):
     write_run(tmp_path / "with", steps=4, accuracy=True)
     tall = matplotlib.image.imread(plot_run(tmp_path / "with")).shape[0]
     assert tall > matplotlib.image.imread(plot_run(tmp_path / "without")).shape[0]
+
+
+def test_plot_adds_accuracy_against_training_tokens_where_tokens_were_sampled(tmp_path):
+    """GRPO/OPSD sample training tokens: accuracy (training traces, eval sets' avg@n with the evaluation before
+    training at 0 tokens) is drawn against their running total. SFT samples none: no such view."""
+    import json
+
+    import matplotlib.image
+
+    from orchestrator.plot import _accuracy_by_tokens, load_records
+
+    for name, per_step in (("sampled", 100), ("sft", 0)):
+        sink = MetricsSink(tmp_path / name, export_to_ray=False)
+        for step in range(1, 5):
+            record = {"step": step, "loss": 1.0 / step, "step_seconds": 1.0, "student_accuracy": step / 10,
+                      "generated_tokens": per_step, "generated_tokens_total": per_step * step}
+            if step % 2 == 0:
+                record["eval/gsm8k/avg@4"], record["eval/gsm8k/avg@4_ci95_low"] = step / 8, 0.0
+            sink.record(record)
+        sink.close()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"eval": {"0": {"eval/gsm8k/avg@4": 0.05}}}))
+    series = _accuracy_by_tokens(load_records(tmp_path / "sampled"), tmp_path / "sampled")
+    assert series == {"gsm8k avg@4": [(0.0, 0.05), (200.0, 0.25), (400.0, 0.5)],
+                      "training traces": [(100.0, 0.1), (200.0, 0.2), (300.0, 0.3), (400.0, 0.4)]}
+    assert _accuracy_by_tokens(load_records(tmp_path / "sft"), tmp_path / "sft") == {}
+    tall = matplotlib.image.imread(plot_run(tmp_path / "sampled")).shape[0]
+    assert tall > matplotlib.image.imread(plot_run(tmp_path / "sft")).shape[0]
