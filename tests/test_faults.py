@@ -192,24 +192,12 @@ def test_an_adapter_one_rollout_worker_fails_to_load_never_mixes_policy_versions
 
     sys.path.insert(0, str(Path(__file__).parent / "helpers"))
     from local_ray import local_ray
-    from rollout_reference import make_lora_adapter
 
-    from opsd.adapter import AdapterError, read_adapter_dir
-    from opsd.data import load_problems
+    from opsd.adapter import AdapterError
     from opsd.model import ModelSpec
-    from opsd.schema import PROBLEM_SCHEMA, sample_id
-    from rollout.config import RolloutConfig
     from rollout.pool import RolloutPool
 
-    import pyarrow as pa
-
-    adapter = read_adapter_dir(make_lora_adapter(tiny_model_dir, tmp_path / "v1", rank=8, seed=1), version=1)
-    rows, _ = load_problems(DATA, "gsm8k")
-    problems = pa.table({"sample_id": [sample_id(r, 0, 0) for r in rows.column("id").to_pylist()[:4]],
-                         "problem": rows.column("problem").to_pylist()[:4], "solution": [None] * 4,
-                         "answer": [None] * 4}, schema=PROBLEM_SCHEMA)
-    config = RolloutConfig(num_workers=2, gpus_per_worker=0, cpu_threads_per_worker=1, cpu_kv_cache_gib=0.25,
-                           max_model_len=512, max_response_tokens=4, temperature=1.0)
+    adapter, problems, config = two_worker_setup(tiny_model_dir, tmp_path, max_response_tokens=4)
     with local_ray(num_cpus=2):
         log: list[str] = []
         pool = RolloutPool(ModelSpec(str(tiny_model_dir)), config, max_lora_rank=8, call_timeout_s=300,
@@ -422,27 +410,15 @@ def test_a_shard_redone_after_a_push_is_sampled_on_its_batchs_version(tiny_model
     redone on version n, like the rest of the batch, and the fresh worker serves n+1 afterwards."""
     import sys
 
-    import pyarrow as pa
     import ray
 
     sys.path.insert(0, str(Path(__file__).parent / "helpers"))
     from local_ray import local_ray
-    from rollout_reference import make_lora_adapter
 
-    from opsd.adapter import read_adapter_dir
-    from opsd.data import load_problems
     from opsd.model import ModelSpec
-    from opsd.schema import PROBLEM_SCHEMA, sample_id
-    from rollout.config import RolloutConfig
     from rollout.pool import RolloutPool
 
-    adapter = read_adapter_dir(make_lora_adapter(tiny_model_dir, tmp_path / "v1", rank=8, seed=1), version=1)
-    rows, _ = load_problems(DATA, "gsm8k")
-    problems = pa.table({"sample_id": [sample_id(r, 0, 0) for r in rows.column("id").to_pylist()[:4]],
-                         "problem": rows.column("problem").to_pylist()[:4], "solution": [None] * 4,
-                         "answer": [None] * 4}, schema=PROBLEM_SCHEMA)
-    config = RolloutConfig(num_workers=2, gpus_per_worker=0, cpu_threads_per_worker=1, cpu_kv_cache_gib=0.25,
-                           max_model_len=512, max_response_tokens=32, temperature=1.0)
+    adapter, problems, config = two_worker_setup(tiny_model_dir, tmp_path, max_response_tokens=32)
     with local_ray(num_cpus=2):
         pool = RolloutPool(ModelSpec(str(tiny_model_dir)), config, max_lora_rank=8, call_timeout_s=300,
                            log=lambda line: None)
@@ -471,3 +447,27 @@ def test_an_error_raised_in_an_actor_reaches_the_terminal_with_its_message(tiny_
     # (The test's own cluster copies its workers' logs to this terminal too: look for the CLI's line.)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("opsd: error: ")]
     assert code == 2 and len(errors) == 1 and "student prompt(s) too long for the rollout engine" in errors[0]
+
+
+def two_worker_setup(model_dir: Path, tmp_path: Path, max_response_tokens: int):
+    """A rank-8 adapter (version 1), four GSM8K problems, and a config of two one-core CPU rollout engines."""
+    import sys
+
+    import pyarrow as pa
+
+    sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+    from rollout_reference import make_lora_adapter
+
+    from opsd.adapter import read_adapter_dir
+    from opsd.data import load_problems
+    from opsd.schema import PROBLEM_SCHEMA, sample_id
+    from rollout.config import RolloutConfig
+
+    adapter = read_adapter_dir(make_lora_adapter(model_dir, tmp_path / "v1", rank=8, seed=1), version=1)
+    rows, _ = load_problems(DATA, "gsm8k")
+    problems = pa.table({"sample_id": [sample_id(r, 0, 0) for r in rows.column("id").to_pylist()[:4]],
+                         "problem": rows.column("problem").to_pylist()[:4], "solution": [None] * 4,
+                         "answer": [None] * 4}, schema=PROBLEM_SCHEMA)
+    config = RolloutConfig(num_workers=2, gpus_per_worker=0, cpu_threads_per_worker=1, cpu_kv_cache_gib=0.25,
+                           max_model_len=512, max_response_tokens=max_response_tokens, temperature=1.0)
+    return adapter, problems, config

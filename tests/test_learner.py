@@ -43,22 +43,9 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def rollout_table(tiny_model_dir, qwen3_tokenizer) -> pa.Table:
-    from transformers import AutoModelForCausalLM
+    from rollout_reference import sampled_rollout_table
 
-    builder = PromptBuilder(qwen3_tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    torch.manual_seed(0)
-    rows = []
-    for i, (problem, solution) in enumerate(PROBLEMS):
-        prompt = builder.student_prompt_ids(problem)
-        n = 6 + 3 * i
-        out = model.generate(torch.tensor([prompt]), do_sample=True, max_new_tokens=n, min_new_tokens=n, top_k=0)
-        response = out[0, len(prompt):].tolist()
-        rows.append({"sample_id": sample_id(f"row-{i}", 0, 0), "problem": problem, "solution": solution,
-                     "answer": None, "prompt_ids": prompt, "response_ids": response,
-                     "response_logprobs": [0.0] * len(response), "finish_reason": "length", "policy_version": 0})
-    table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
-    return with_metadata(table, TableMetadata(str(tiny_model_dir), tokenizer_fingerprint(qwen3_tokenizer), 151_936))
+    return sampled_rollout_table(tiny_model_dir, qwen3_tokenizer, PROBLEMS, [6 + 3 * i for i in range(len(PROBLEMS))])
 
 
 @pytest.fixture(scope="module")

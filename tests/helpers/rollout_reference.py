@@ -66,3 +66,29 @@ def make_lora_adapter(model_dir: Path, out_dir: Path, *, rank: int = 8, targets:
                 param.copy_(torch.randn(param.shape, generator=generator) * scale)
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def sampled_rollout_table(model_dir, tokenizer, problems, lengths):
+    """A rollout table of traces the model itself samples (HF, seed 0), trace i of ``lengths[i]`` tokens, for each
+    ``(problem, solution)``: what a rollout worker would send, without an engine."""
+    import pyarrow as pa
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from opsd.hf import tokenizer_fingerprint
+    from opsd.prompts import PromptBuilder
+    from opsd.schema import ROLLOUT_SCHEMA, TableMetadata, sample_id, with_metadata
+
+    builder = PromptBuilder(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(0)
+    rows = []
+    for i, ((problem, solution), n) in enumerate(zip(problems, lengths)):
+        prompt = builder.student_prompt_ids(problem)
+        out = model.generate(torch.tensor([prompt]), do_sample=True, max_new_tokens=n, min_new_tokens=n, top_k=0)
+        response = out[0, len(prompt):].tolist()
+        rows.append({"sample_id": sample_id(f"row-{i}", 0, 0), "problem": problem, "solution": solution,
+                     "answer": None, "prompt_ids": prompt, "response_ids": response,
+                     "response_logprobs": [0.0] * len(response), "finish_reason": "length", "policy_version": 0})
+    table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
+    return with_metadata(table, TableMetadata(str(model_dir), tokenizer_fingerprint(tokenizer), 151_936))
