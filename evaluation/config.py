@@ -27,9 +27,10 @@ class EvalConfig:
         metadata={"doc": "Eval sets: built-in ones (aime24, aime25, hmmt25, math500, gsm8k) or files as NAME=PATH "
                   "(JSONL/Parquet with a problem and an answer per row)."},
     )
-    mapping: Literal["eval", "gsm8k", "openthoughts"] = field(
+    mapping: Literal["eval", "gsm8k", "openthoughts", "opsd"] = field(
         default="eval",
-        metadata={"doc": "Column mapping preset of eval sets given as files (built-in ones know their own)."},
+        metadata={"doc": "Column mapping preset of eval sets given as files (built-in ones know their own); 'opsd': the "
+                  "columns `opsd data convert` writes (ids kept)."},
     )
     columns: dict[str, str] = field(
         default_factory=dict,
@@ -68,6 +69,12 @@ class EvalConfig:
     system_prompt: str | None = field(
         default=None, metadata={"doc": "Optional system turn. None: the chat template's own default."}
     )
+    answer_format: Literal["boxed", "flexible"] = field(
+        default="boxed",
+        metadata={"doc": "How a response's final answer is read: 'boxed', its last \\boxed{} (else a GSM8K '#### ' "
+                  "line); 'flexible', that, else the number after the last 'answer is', else the last number "
+                  "(lm-evaluation-harness's flexible-extract)."},
+    )
     pass_k: list[int] = field(
         default_factory=list,
         metadata={"doc": "k of the pass@k columns (each <= n). Empty: the powers of two from 2 below n, and n "
@@ -92,7 +99,8 @@ class EvalConfig:
     def prompt(self) -> PromptConfig:
         """The evaluation prompt as a student prompt config (what the rollout workers are given per call)."""
         return PromptConfig(student_template=self.template, student_thinking=self.thinking,
-                            instruction=self.instruction, system_prompt=self.system_prompt)
+                            instruction=self.instruction, system_prompt=self.system_prompt,
+                            answer_format=self.answer_format)
 
     def validate(self) -> None:
         check_template(self.template, "eval.template", required=("problem",), forbidden=("solution",))

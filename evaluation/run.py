@@ -83,7 +83,7 @@ def run_eval(pool: Any, eval_sets: Sequence[EvalSet], config: EvalConfig, tokeni
     generated = time.perf_counter()
 
     responses = decode_responses(table, tokenizer)
-    extracted = [extract_answer(text) for text in responses]
+    extracted = [extract_answer(text, config.answer_format) for text in responses]
     references = table.column("answer").to_pylist()
     if grader is None:
         with Grader(config.grade_processes, config.grade_timeout_s) as own:

@@ -12,6 +12,11 @@ The whole response is searched, thinking included (as the paper's evaluation scr
 while thinking may still have boxed an answer. Without any box, a ``#### ANSWER`` line (the GSM8K training
 format, which models fine-tuned on it keep) gives the answer. Without either, there is no answer: the sample is
 graded ``no_answer`` (wrong).
+
+``answer_format="flexible"`` reads more: without a box or a ``####`` line, the number after the last "answer is"
+(or "answer:"), else the last number of the response: lm-evaluation-harness's *flexible-extract*, for small models
+that compute the right number but rarely box it. It is a looser grader (a number that happens to come last counts),
+so report which one a result used.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import re
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
 _GSM8K_RE = re.compile(r"####[ \t]*([^\n]*)")
+_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:)\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+ANSWER_FORMATS = ("boxed", "flexible")
 _VOTE_DROP_RE = re.compile(r"\\left|\\right|\\!|\\,|\\;|\\:|\\ |\s+")
 
 
@@ -69,10 +77,26 @@ def extract_gsm8k(text: str) -> str | None:
     return answer or None
 
 
-def extract_answer(text: str) -> str | None:
-    """The response's final answer: the last box, else the last ``####`` line, else None."""
+def extract_answer(text: str, answer_format: str = "boxed") -> str | None:
+    """The response's final answer: the last box, else the last ``####`` line, else None; with
+    ``answer_format="flexible"``, else the number after the last "answer is", else the last number."""
     boxed = extract_boxed(text)
-    return boxed if boxed is not None else extract_gsm8k(text)
+    answer = boxed if boxed is not None else extract_gsm8k(text)
+    if answer is not None or answer_format == "boxed":
+        return answer
+    if answer_format != "flexible":
+        raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+    return extract_last_number(text)
+
+
+def extract_last_number(text: str) -> str | None:
+    """The number after the last "answer is" / "answer:", else the last number of ``text`` (thousands commas and a
+    trailing full stop dropped), else None."""
+    stated = _ANSWER_IS_RE.findall(text)
+    numbers = stated or _NUMBER_RE.findall(text)
+    if not numbers:
+        return None
+    return numbers[-1].replace(",", "").rstrip(".") or None
 
 
 def vote_key(answer: str) -> str:

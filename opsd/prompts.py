@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Sequence
 
+from opsd.answers import ANSWER_FORMATS
 from opsd.configlib import check
 from opsd.errors import UserInputError
 
@@ -104,6 +105,14 @@ class PromptConfig:
         metadata={"doc": "Qwen3 thinking mode of the teacher's chat template. None: the preset's."},
     )
 
+    answer_format: Literal["boxed", "flexible"] = field(
+        default="boxed",
+        metadata={"doc": "How a trace's final answer is read (train.student_accuracy, GRPO's rewards): 'boxed', its "
+                  "last \\boxed{} (else a GSM8K '#### ' line); 'flexible', that, else the number after the last "
+                  "'answer is', else the last number (lm-evaluation-harness's flexible-extract, for small models "
+                  "that rarely box)."},
+    )
+
     RETIRED_KEYS: ClassVar[dict[str, str]] = {
         "enable_thinking": "split into prompt.student_thinking and prompt.teacher_thinking (each defaults to the "
                            "preset's mode)",
@@ -124,6 +133,8 @@ class PromptConfig:
 
     def validate(self) -> None:
         check(self.preset in PRESETS, "preset", f"must be one of {', '.join(map(repr, PRESETS))}, got {self.preset!r}")
+        check(self.answer_format in ANSWER_FORMATS, "answer_format",
+              f"must be one of {', '.join(ANSWER_FORMATS)}, got {self.answer_format!r}")
         check_template(self.student[0], "prompt.student_template", required=("problem",), forbidden=("solution",))
         check_template(self.teacher[0], "prompt.teacher_template", required=("problem", "solution"))
 

@@ -122,6 +122,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_science(args: argparse.Namespace) -> int:
+    from science.experiment import run_science, settings_from
+
+    run_science(settings_from(args))
+    return 0
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from orchestrator.quickstart import run_quickstart
 
@@ -179,7 +186,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         columns=parse_columns(args.columns), limit=args.limit, n=args.n,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
         seed=args.seed, pass_k=_int_list(args.pass_k, "--pass-k"), thinking=args.thinking,
-        grade_timeout_s=args.grade_timeout, grade_processes=args.grade_processes)
+        answer_format=args.answer_format, grade_timeout_s=args.grade_timeout, grade_processes=args.grade_processes)
     run = EvalRun(
         model=ModelSpec(args.model, args.tokenizer, args.revision, args.trust_remote_code, args.dtype),
         out=Path(args.out or Path("runs") / "eval" / time.strftime("%Y%m%d-%H%M%S")),
@@ -272,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     quick = with_config(commands.add_parser("quickstart", help="what `make quickstart` runs"))
     quick.add_argument("--models-dir", default="models", help="where offline models are built once and reused")
     quick.set_defaults(func=_cmd_quickstart)
+
+    from science.experiment import add_arguments
+
+    science = commands.add_parser(
+        "science", help="what `make science` runs: OPSD, SFT and GRPO compared on generated arithmetic (CPU)",
+        description="Train base -> OPSD, SFT, GRPO and OPSD with a curriculum for the same wall-clock budget on "
+        "generated arithmetic problems, evaluate each on the same held-out problems with paired comparisons, and "
+        "measure the teacher-student divergence by token kind; writes OUT/results.md (docs/SCIENCE.md).")
+    add_arguments(science)
+    science.set_defaults(func=_cmd_science)
     return parser
 
 
@@ -290,7 +307,7 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
                     f"NAME=PATH (default: {','.join(d.sets)})")
     # --bench: the earlier name of --sets, kept (hidden) so that old commands still run
     ev.add_argument("--bench", dest="sets", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    ev.add_argument("--mapping", default="eval", choices=["eval", "gsm8k", "openthoughts"],
+    ev.add_argument("--mapping", default="eval", choices=["eval", "gsm8k", "openthoughts", "opsd"],
                     help="column mapping of eval sets given as files (default: eval, columns problem and answer)")
     ev.add_argument("--columns", default=None, help="per-field source columns of files, e.g. problem=q,answer=a")
     ev.add_argument("--limit", type=int, default=None, help="first N problems of each eval set")
@@ -302,6 +319,9 @@ def _add_eval_parser(commands: argparse._SubParsersAction) -> None:
     ev.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=True,
                     help="Qwen3 thinking mode in the chat template (default: on)")
     ev.add_argument("--seed", type=int, default=d.seed)
+    ev.add_argument("--answer-format", default=d.answer_format, choices=["boxed", "flexible"],
+                    help="boxed: the last \\boxed{} (else '#### '); flexible: else the number after 'answer is', "
+                    "else the last number (default: boxed)")
     ev.add_argument("--pass-k", default=None, help="k of pass@k, e.g. 1,4,16 (default: powers of 2 from 2, and n)")
     ev.add_argument("--grade-timeout", type=float, default=d.grade_timeout_s, help="seconds per answer")
     ev.add_argument("--grade-processes", type=int, default=None)

@@ -62,6 +62,17 @@ class DataConfig:
         },
     )
     limit: int | None = field(default=None, metadata={"doc": "Use only the first N rows (>= 1). None: all rows."})
+    order: Literal["shuffled", "curriculum"] = field(
+        default="shuffled",
+        metadata={"doc": "Order of the rows in each epoch: 'shuffled' (seeded by train.seed), or 'curriculum', "
+                  "easiest first by data.difficulty (ties shuffled)."},
+    )
+    difficulty: str | None = field(
+        default=None,
+        metadata={"doc": "With order 'curriculum': an `opsd eval` output directory of the training problems "
+                  "(difficulty = 1 - the base model's pass rate per problem, matched by id). None: the reference "
+                  "solution's length."},
+    )
 
     RETIRED_KEYS: ClassVar[dict[str, str]] = {
         "shuffle_seed": "the per-epoch shuffle is seeded by train.seed",
@@ -83,6 +94,10 @@ class DataConfig:
         for name, source in self.columns.items():
             check(bool(source.strip()), f"columns.{name}", "must name a source column")
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or null, got {self.limit}")
+        check(self.difficulty is None or self.order == "curriculum", "difficulty",
+              "orders rows only with data.order=curriculum")
+        check(self.difficulty is None or os.path.isdir(self.difficulty), "difficulty",
+              f"must be an `opsd eval` output directory, {self.difficulty!r} is not a directory")
 
 
 METHODS = ("opsd", "sft", "grpo")
@@ -160,10 +175,16 @@ class TrainConfig:
     )
     student_accuracy: bool = field(
         default=True,
-        metadata={"doc": "Grade each training trace's final answer (its last \\boxed{}) against its problem's "
+        metadata={"doc": "Grade each training trace's final answer (read as prompt.answer_format says) against its problem's "
                   "reference answer (math-verify, in the background) and log student_accuracy per step. OPSD never "
                   "uses it; GRPO's rewards are these grades (so it must be true with method grpo). Rows without a "
                   "reference answer are not graded."},
+    )
+    time_budget_s: float | None = field(
+        default=None,
+        metadata={"doc": "Wall-clock budget of the training loop in seconds (from its first step, in this process): "
+                  "the step that starts past it is the last, and the run ends as at train.steps (final adapter, "
+                  "held-out GJS, evaluation). None: no budget. Compares methods at equal compute."},
     )
     stage_timeout_s: float = field(
         default=3600.0,
@@ -187,6 +208,8 @@ class TrainConfig:
         check(self.heldout_every >= 0, "heldout_every", f"must be >= 0 (0 is off), got {self.heldout_every}")
         check(self.heldout_rows >= 0, "heldout_rows", f"must be >= 0 (0 is off), got {self.heldout_rows}")
         check(self.learner_restarts >= 0, "learner_restarts", f"must be >= 0, got {self.learner_restarts}")
+        check(self.time_budget_s is None or self.time_budget_s > 0, "time_budget_s",
+              f"must be > 0 or null, got {self.time_budget_s}")
         check(self.stage_timeout_s > 0, "stage_timeout_s", f"must be > 0, got {self.stage_timeout_s}")
         check(
             self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0 (0 is off), got {self.checkpoint_every}"

@@ -1,5 +1,8 @@
 """Which prompts each step trains on: epoch-aware, shuffled with a seed, every row exactly once per epoch.
 
+With difficulty scores (``data.order = curriculum``, opsd.curriculum) each epoch runs from the easiest row to the
+hardest, ties in the epoch's shuffled order.
+
 The cursor (epoch, position) is all the state there is, so a checkpoint stores it and a resumed run continues with
 the very next rows. The last batch of an epoch is smaller when the rows do not divide evenly: nothing wraps into the
 next epoch, nothing is dropped.
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from opsd.curriculum import curriculum_order
 from opsd.schema import PROBLEM_SCHEMA, sample_id
 
 
@@ -23,10 +27,14 @@ class Cursor:
 
 
 class EpochSampler:
-    def __init__(self, problems: pa.Table, prompts_per_step: int, seed: int, cursor: Cursor | None = None):
+    def __init__(self, problems: pa.Table, prompts_per_step: int, seed: int, cursor: Cursor | None = None,
+                 difficulty: np.ndarray | None = None):
         if problems.num_rows == 0:
             raise ValueError("no problems to train on")
+        if difficulty is not None and len(difficulty) != problems.num_rows:
+            raise ValueError(f"{len(difficulty)} difficulty scores for {problems.num_rows} problems")
         self.problems = problems
+        self.difficulty = difficulty
         self.prompts_per_step = prompts_per_step
         self.seed = seed
         self.cursor = cursor or Cursor()
@@ -36,7 +44,8 @@ class EpochSampler:
         return math.ceil(self.problems.num_rows / self.prompts_per_step)
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.problems.num_rows)
+        shuffled = np.random.default_rng([self.seed, epoch]).permutation(self.problems.num_rows)
+        return shuffled if self.difficulty is None else curriculum_order(shuffled, self.difficulty)
 
     def next_batch(self) -> pa.Table:
         """The next step's problems (columns of opsd.schema.PROBLEM_SCHEMA; sample ids carry the epoch)."""

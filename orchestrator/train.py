@@ -30,6 +30,7 @@ from opsd.adapter import AdapterPayload, write_adapter_dir  # noqa: E402
 from opsd.atomic import write_text_atomic  # noqa: E402
 from opsd.configlib import ConfigError  # noqa: E402
 from orchestrator.config import OPSDConfig, ineffective_keys, load_config, save_config  # noqa: E402
+from opsd.curriculum import difficulty_scores  # noqa: E402
 from opsd.data import DataError, load_dataset  # noqa: E402
 from orchestrator.metrics import MetricsSink, read_metrics, run_throughput  # noqa: E402
 from orchestrator import checkpoints  # noqa: E402
@@ -69,9 +70,12 @@ def prepare_data(cfg: OPSDConfig) -> TrainingData:
         held_out = EpochSampler(problems.slice(problems.num_rows - cfg.train.heldout_rows), cfg.train.heldout_rows,
                                 seed=0).next_batch()
         problems = problems.slice(0, problems.num_rows - cfg.train.heldout_rows)
-    sampler = EpochSampler(problems, cfg.train.prompts_per_step, cfg.train.seed)
+    difficulty = difficulty_scores(problems, cfg.data.order, cfg.data.difficulty)
+    sampler = EpochSampler(problems, cfg.train.prompts_per_step, cfg.train.seed, difficulty=difficulty)
     total_steps = cfg.train.steps or cfg.train.epochs * sampler.steps_per_epoch
-    return TrainingData(sampler, held_out, total_steps, f"{problems.num_rows} problems from {report.path}")
+    order = "" if difficulty is None else (
+        f", easiest first by {'solution length' if cfg.data.difficulty is None else 'base pass rate'}")
+    return TrainingData(sampler, held_out, total_steps, f"{problems.num_rows} problems from {report.path}{order}")
 
 
 @dataclass
@@ -243,8 +247,9 @@ def train(cfg: OPSDConfig, print_fn=print, verbose: bool = False) -> Path:
                 progress.eval_sets[0] = run_eval_sets(evaluator, stages, 0, print_fn)
             trackers.log_metrics(0, {"heldout_gjs": progress.heldout_gjs.get(0), **progress.eval_sets.get(0, {})})
             loop.in_flight = launch(stages, sampler)
+            loop.started = time.perf_counter()  # the time budget and the ETA count from here
             step = first_step
-            while step < total_steps:
+            while step < loop.total_steps:
                 try:
                     run_step(loop, step)
                     step += 1
@@ -258,7 +263,8 @@ def train(cfg: OPSDConfig, print_fn=print, verbose: bool = False) -> Path:
             if accuracy is not None:
                 accuracy.close()
             stages.shutdown()
-        trackers.finish(finish(run_dir, total_steps, stages.learner.version, progress, print_fn))
+        trackers.finish(finish(run_dir, loop.total_steps if loop is not None else total_steps,
+                               stages.learner.version, progress, print_fn))
     return run_dir
 
 
@@ -286,6 +292,10 @@ class Loop:
 def run_step(loop: Loop, step: int) -> None:
     """Step ``step + 1``: the update, its record, and what follows it (evaluation, held-out GJS, outputs)."""
     cfg, stages, sampler = loop.cfg, loop.stages, loop.sampler
+    budget = cfg.train.time_budget_s
+    if budget is not None and step + 1 < loop.total_steps and time.perf_counter() - loop.started >= budget:
+        loop.print_fn(f"opsd: time budget of {budget:.0f} s spent: step {step + 1} is the last")
+        loop.total_steps = step + 1
     after = AfterStep.of(step + 1, loop.total_steps, cfg)
     prefetch = (lambda: launch(stages, sampler)) if after.launch_next and cfg.train.max_staleness else None
     result = train_step(stages, loop.in_flight, prefetch, loop.accuracy)

@@ -246,7 +246,8 @@ class RolloutWorker:
         with two return values: the table stays in the object store, on its way to the next stage)."""
         table = self.generate(problems, sampling, prompts)
         responses = self.tokenizer.batch_decode(table.column("response_ids").to_pylist(), skip_special_tokens=True)
-        return table, RolloutSummary.of(table, [extract_answer(text) for text in responses])
+        answer_format = self._builder(prompts).config.answer_format
+        return table, RolloutSummary.of(table, [extract_answer(text, answer_format) for text in responses])
 
     def _sample(self, prompts: list[list[int]], ids: list[str], sampling: Sampling) -> list[Trace]:
         if not prompts:
