@@ -125,6 +125,7 @@ def run_science(settings: ScienceSettings, print_fn: Callable[..., None] = print
 
     started = time.perf_counter()
     out = Path(settings.out)
+    check_rerun(out, settings)
     model_dir = Path(settings.model) if settings.model else ensure_quickstart_model(Path(settings.models_dir))
     train_rows, heldout_rows = split(settings.train_rows, settings.heldout_rows, settings.seed)
     train_file = write_jsonl(train_rows, out / "data" / "train.jsonl")
@@ -154,6 +155,21 @@ def run_science(settings: ScienceSettings, print_fn: Callable[..., None] = print
                           total_s=time.perf_counter() - started)
     print_fn(report.read_text())
     return report
+
+
+def check_rerun(out: Path, settings: ScienceSettings) -> None:
+    """A rerun into the same ``--out`` keeps the arms and evaluations already finished, so it must be the same
+    experiment: other settings there are refused (the arms may differ)."""
+    from opsd.errors import UserInputError
+
+    recorded = out / "settings.json"
+    wanted = {k: v for k, v in settings_dict(settings).items() if k != "arms"}
+    if recorded.is_file():
+        before = {k: v for k, v in json.loads(recorded.read_text()).items() if k != "arms"}
+        if before != wanted:
+            changed = ", ".join(sorted(k for k in wanted if before.get(k) != wanted[k]))
+            raise UserInputError(f"{out} holds a comparison with other settings ({changed}); choose another --out")
+    write_text_atomic(recorded, json.dumps(settings_dict(settings), indent=2) + "\n")
 
 
 def settings_dict(settings: ScienceSettings) -> dict[str, Any]:

@@ -277,3 +277,13 @@ def test_science_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert "order: curriculum" in config and str(out / "eval" / "prepass") in config
     assert data["divergence"]["traces"] == 6 and "| base | opsd-curriculum |" in report
     assert (out / "runs" / "opsd-curriculum" / "curves.png").is_file()
+
+
+def test_a_rerun_into_the_same_directory_must_be_the_same_experiment(tmp_path):
+    from opsd.errors import UserInputError
+    from science.experiment import ScienceSettings, check_rerun
+
+    check_rerun(tmp_path, ScienceSettings(out=str(tmp_path), budget_s=60))
+    check_rerun(tmp_path, ScienceSettings(out=str(tmp_path), budget_s=60, arms=("sft",)))  # other arms: fine
+    with pytest.raises(UserInputError, match="other settings \\(budget_s, seed\\)"):
+        check_rerun(tmp_path, ScienceSettings(out=str(tmp_path), budget_s=90, seed=1))
