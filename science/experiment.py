@@ -59,7 +59,7 @@ class ScienceSettings:
     train_rows: int = 512
     heldout_rows: int = 200
     seed: int = 0
-    budget_s: float = 600.0  # wall-clock training budget of every arm
+    budget_s: float = 450.0  # wall-clock training budget of every arm
     n: int = 4  # samples per held-out problem (avg@n)
     prepass_n: int = 2  # samples per training problem in the curriculum's pre-pass
     models_dir: str = "models"

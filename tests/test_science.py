@@ -242,13 +242,14 @@ def test_a_time_budget_ends_the_run_after_the_step_that_passes_it(tiny_model_dir
     with local_ray(num_cpus=4):
         lines: list[str] = []
         cfg = load_config(str(REPO_ROOT / "recipes" / "tiny-cpu.yaml"), [
-            f"model.path={tiny_model_dir}", f"train.run_dir={tmp_path / 'run'}", "train.steps=6", "train.prompts_per_step=2", "train.time_budget_s=0.001", "data.order=curriculum"])
+            f"model.path={tiny_model_dir}", f"train.run_dir={tmp_path / 'run'}", "train.steps=6", "train.prompts_per_step=2", "train.time_budget_s=0.05", "data.order=curriculum"])
         run_dir = train(cfg, print_fn=lines.append)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1]
+    # Step 1 starts at once, within the budget; step 2 starts past it, so it is the last.
+    assert [r["step"] for r in records] == [1, 2]
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 1 and (run_dir / "adapters" / "v1" / "adapter_model.safetensors").is_file()
-    assert any("time budget of 0 s spent: step 1 is the last" in line for line in lines)
+    assert summary["steps"] == 2 and (run_dir / "adapters" / "v2" / "adapter_model.safetensors").is_file()
+    assert any("time budget of 0 s spent: step 2 is the last" in line for line in lines)
     assert any("easiest first by solution length" in line for line in lines)
 
 
@@ -260,7 +261,7 @@ def test_science_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
 
     with local_ray(num_cpus=4):
         settings = ScienceSettings(
-            out=str(tmp_path / "science"), arms=("opsd-curriculum",), train_rows=6, heldout_rows=3, budget_s=0.001,
+            out=str(tmp_path / "science"), arms=("opsd-curriculum",), train_rows=6, heldout_rows=3, budget_s=0.05,
             n=2, prepass_n=1, model=str(tiny_model_dir),
             overrides=("rollout.max_response_tokens=8", "eval.max_tokens=8",
                        "train.prompts_per_step=2", "teacher.top_k=8", "learner.lora.rank=8",
@@ -271,8 +272,8 @@ def test_science_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert [r["model"] for r in data["models"]] == ["base", "opsd-curriculum"]
     assert data["models"][0]["problems"] == 3 and data["models"][0]["n"] == 2
     trained = data["models"][1]
-    assert trained["steps"] == 1 and trained["generated_tokens"] > 0
-    assert json.loads((out / "eval" / "opsd-curriculum" / "results.json").read_text())["adapter"].endswith("v1")
+    assert trained["steps"] == 2 and trained["generated_tokens"] > 0
+    assert json.loads((out / "eval" / "opsd-curriculum" / "results.json").read_text())["adapter"].endswith("v2")
     config = (out / "runs" / "opsd-curriculum" / "config.yaml").read_text()
     assert "order: curriculum" in config and str(out / "eval" / "prepass") in config
     assert data["divergence"]["traces"] == 6 and "| base | opsd-curriculum |" in report
