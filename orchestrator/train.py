@@ -316,8 +316,11 @@ def run_step(loop: Loop, step: int) -> None:
     loop.sink.record(record)
     loop.trackers.log_metrics(record["step"], record)
     loop.steps_done += 1
-    rate = (time.perf_counter() - loop.started) / loop.steps_done
-    loop.print_fn(progress_line(record, loop.total_steps, eta_s=rate * (loop.total_steps - step - 1)))
+    elapsed = time.perf_counter() - loop.started
+    eta = elapsed / loop.steps_done * (loop.total_steps - step - 1)
+    if budget is not None:  # the budget ends the run first: about one step past it
+        eta = min(eta, max(0.0, budget - elapsed) + elapsed / loop.steps_done)
+    loop.print_fn(progress_line(record, loop.total_steps, eta_s=eta))
     save_outputs(stages, cfg, step + 1, after, result.adapter, sampler, loop.in_flight, loop.progress, loop.print_fn)
 
 

@@ -50,7 +50,7 @@ def _difference(rng: random.Random) -> tuple[str, str, int]:
 
 
 def _product(rng: random.Random) -> tuple[str, str, int]:
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    a, b = rng.randint(2, 12), rng.randint(2, 15)
     return f"What is {a} times {b}?", f"We multiply: {a} x {b} = {a * b}.", a * b
 
 

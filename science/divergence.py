@@ -68,7 +68,7 @@ def divergence_by_kind(model_dir: Path, eval_dir: Path, data_file: Path, cfg: An
     from opsd.prompts import PromptBuilder
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     builder = PromptBuilder(tokenizer, cfg.prompt)
     solutions = {}
     with open(data_file, encoding="utf-8") as f:

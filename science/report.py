@@ -36,6 +36,7 @@ def model_row(name: str, eval_dir: Path, run_dir: Path | None) -> dict[str, Any]
     row: dict[str, Any] = {
         "model": name, "n": result.n, "problems": result.problems, "avg": avg.mean, "avg_low": avg.low,
         "avg_high": avg.high, "maj": maj.mean, "no_answer": result.statuses.get("no_answer", 0) / result.samples,
+        "truncated": result.truncated / result.samples,
         "mean_response_tokens": result.mean_response_tokens,
     }
     if run_dir is not None:
@@ -63,15 +64,16 @@ def write_report(out: Path, settings: Mapping[str, Any], evals: Mapping[str, Pat
     pairs = [paired(evals, a, b) for a, b in PAIRS if a in evals and b in evals]
     n = rows[0]["n"]
     lines = [f"# Held-out accuracy: {rows[0]['problems']} problems, avg@{n} (95% interval)", "",
-             f"| model | avg@{n} % | 95% CI | maj@{n} % | no answer % | response tokens | steps | rows trained | "
-             "training tokens sampled | training s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"| model | avg@{n} % | 95% CI | maj@{n} % | no answer % | truncated % | response tokens | steps | "
+             "rows trained | training tokens sampled | training s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         trained = "steps" in r
         spent = (f"{r['steps']} | {r['trained_rows']} | {r['generated_tokens']:,} | {r['train_seconds']:.0f}"
                  if trained else "- | - | - | -")
         lines.append(f"| {r['model']} | {_pct(r['avg'])} | [{_pct(r['avg_low'])}, {_pct(r['avg_high'])}] | "
-                     f"{_pct(r['maj'])} | {_pct(r['no_answer'])} | {r['mean_response_tokens']:.0f} | {spent} |")
+                     f"{_pct(r['maj'])} | {_pct(r['no_answer'])} | {_pct(r['truncated'])} | "
+                     f"{r['mean_response_tokens']:.0f} | {spent} |")
     lines += ["", f"# Paired differences (B - A, avg@{n} points, per problem, 95% interval)", "",
               "| A | B | A % | B % | B - A | 95% CI | exceeds noise |", "|---|---|---:|---:|---:|---:|---|"]
     for p in pairs:

@@ -77,6 +77,12 @@ def test_generated_problems_are_deterministic_correct_and_disjoint(tmp_path):
     assert table.num_rows == 120 and table.column("answer").to_pylist() == [p.answer for p in train]
     with pytest.raises(ValueError, match="n must be >= 1"):
         generate(0, seed=0)
+    from science.experiment import ScienceSettings
+
+    d = ScienceSettings()  # the default sizes can be drawn, distinct
+    assert [len(rows) for rows in split(d.train_rows, d.heldout_rows, d.seed)] == [d.train_rows, d.heldout_rows]
+    with pytest.raises(ValueError, match="cannot draw 5000 distinct problems"):
+        generate(5000, seed=0)
 
 
 def load_dataset_file(path: Path):
@@ -222,6 +228,7 @@ def test_report_pairs_problems_and_counts_what_each_arm_spent(tmp_path):
     assert opsd_row["avg"] == pytest.approx(sum(map(sum, trained.values())) / 60)
     assert f"| base | opsd | {100 * expected.a:.1f} | {100 * expected.b:.1f} | {100 * expected.diff:+.1f}" in report
     assert "| number | 4 | 0.2000 | 80.0% | - | 0.2000 |" in report
+    assert "| base | 16.7 | " in report and " | 0.0 | 3 | - | - | - | - |" in report  # no answer, truncated, tokens
 
 
 def test_science_command_refuses_bad_arguments_in_one_line(capsys):
