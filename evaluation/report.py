@@ -151,6 +151,13 @@ def _comparable_metrics(a: list[ProblemScore], b: list[ProblemScore]) -> list[tu
     return rows
 
 
+def common_problems(a: list[ProblemScore], b: list[ProblemScore]) -> tuple[list[ProblemScore], list[ProblemScore]]:
+    """The problems both runs scored, paired: in ``a``'s order, ``b``'s matched by problem id."""
+    by_id_b = {p.problem_id: p for p in b}
+    common_a = [p for p in a if p.problem_id in by_id_b]
+    return common_a, [by_id_b[p.problem_id] for p in common_a]
+
+
 def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> str:
     """The text ``opsd eval --compare`` prints (see the module docstring)."""
     info_a, samples_a = read_run(run_a)
@@ -166,12 +173,10 @@ def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> str:
         if eval_set not in scores_a or eval_set not in scores_b:
             only.append(f"{eval_set} (only in {'A' if eval_set in scores_a else 'B'})")
             continue
-        by_id_b = {p.problem_id: p for p in scores_b[eval_set]}
-        common_a = [p for p in scores_a[eval_set] if p.problem_id in by_id_b]
+        common_a, common_b = common_problems(scores_a[eval_set], scores_b[eval_set])
         if not common_a:
             only.append(f"{eval_set} (no problem in common)")
             continue
-        common_b = [by_id_b[p.problem_id] for p in common_a]
         for label, metric in _comparable_metrics(common_a, common_b):
             d = paired_difference([p.value(metric) for p in common_a], [p.value(metric) for p in common_b])
             interval = "" if math.isnan(d.low) else f" [{100 * d.low:+.1f}, {100 * d.high:+.1f}]"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,8 +110,6 @@ def train_arm(settings: ScienceSettings, arm: Arm, model_dir: Path, train_file: 
         if arm.curriculum and prepass is not None:
             overrides.append(f"data.difficulty={prepass}")
         if run_dir.exists():  # an interrupted arm starts again: the budget is the whole run's
-            import shutil
-
             shutil.rmtree(run_dir)
         train(load_config(str(SCIENCE_RECIPE), overrides), print_fn=print_fn)
         plot_run(run_dir)

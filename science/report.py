@@ -9,9 +9,10 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-from evaluation.records import problem_scores, summarize
-from evaluation.report import read_run
-from evaluation.scores import paired_difference
+from evaluation.records import SampleRecord, problem_scores, summarize
+from evaluation.report import common_problems, read_run
+from evaluation.scores import ProblemScore, paired_difference
+from orchestrator.metrics import read_metrics
 from opsd.atomic import write_text_atomic
 
 # Which differences the report shows: every arm against the base model, then OPSD against each baseline.
@@ -27,9 +28,8 @@ def _mean(entry: Mapping[str, Any] | None) -> str:
     return "-" if not entry or entry.get("mean") is None else f"{entry['mean']:.4f}"
 
 
-def model_row(name: str, eval_dir: Path, run_dir: Path | None) -> dict[str, Any]:
+def model_row(name: str, samples: list[SampleRecord], run_dir: Path | None) -> dict[str, Any]:
     """One model's held-out scores and, for a trained arm, what its run did (steps, tokens, seconds)."""
-    _, samples = read_run(eval_dir)
     (result,) = summarize(samples).values()
     avg = next(v for k, v in result.scores.items() if k.startswith("avg@"))
     maj = next(v for k, v in result.scores.items() if k.startswith("maj@"))
@@ -40,7 +40,7 @@ def model_row(name: str, eval_dir: Path, run_dir: Path | None) -> dict[str, Any]
         "mean_response_tokens": result.mean_response_tokens,
     }
     if run_dir is not None:
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        records = read_metrics(run_dir)
         summary = json.loads((run_dir / "summary.json").read_text())
         row.update(steps=len(records), train_seconds=sum(r.get("step_seconds", 0.0) for r in records),
                    generated_tokens=summary.get("generated_tokens_total", 0),
@@ -48,20 +48,20 @@ def model_row(name: str, eval_dir: Path, run_dir: Path | None) -> dict[str, Any]
     return row
 
 
-def paired(evals: Mapping[str, Path], a: str, b: str) -> dict[str, Any]:
-    """B - A in avg@n over the held-out problems, per problem, with its 95% interval."""
-    scores_a = next(iter(problem_scores(read_run(evals[a])[1]).values()))
-    scores_b = {p.problem_id: p for p in next(iter(problem_scores(read_run(evals[b])[1]).values()))}
-    common = [p for p in scores_a if p.problem_id in scores_b]
-    d = paired_difference([p.value("avg") for p in common], [scores_b[p.problem_id].value("avg") for p in common])
+def paired(scores: Mapping[str, list[ProblemScore]], a: str, b: str) -> dict[str, Any]:
+    """B - A in avg@n over the held-out problems both scored, per problem, with its 95% interval."""
+    common_a, common_b = common_problems(scores[a], scores[b])
+    d = paired_difference([p.value("avg") for p in common_a], [p.value("avg") for p in common_b])
     return {"a": a, "b": b, "a_avg": d.a, "b_avg": d.b, "diff": d.diff, "low": d.low, "high": d.high,
             "problems": d.count, "beyond_noise": d.beyond_noise}
 
 
 def write_report(out: Path, settings: Mapping[str, Any], evals: Mapping[str, Path], divergence: Mapping[str, Any],
                  seconds: Mapping[str, float], total_s: float) -> Path:
-    rows = [model_row(name, path, None if name == "base" else out / "runs" / name) for name, path in evals.items()]
-    pairs = [paired(evals, a, b) for a, b in PAIRS if a in evals and b in evals]
+    samples = {name: read_run(path)[1] for name, path in evals.items()}  # each evaluation read once
+    rows = [model_row(name, samples[name], None if name == "base" else out / "runs" / name) for name in evals]
+    scores = {name: next(iter(problem_scores(s).values())) for name, s in samples.items()}
+    pairs = [paired(scores, a, b) for a, b in PAIRS if a in evals and b in evals]
     n = rows[0]["n"]
     lines = [f"# Held-out accuracy: {rows[0]['problems']} problems, avg@{n} (95% interval)", "",
              f"| model | avg@{n} % | 95% CI | maj@{n} % | no answer % | truncated % | response tokens | steps | "
