@@ -15,7 +15,7 @@ from typing import ClassVar, Iterable, Literal
 
 from learner.config import LearnerConfig, LearnerObjective
 from opsd.configlib import ConfigError, apply_overrides, check, from_dict, load_yaml, save_yaml, to_dict
-from opsd.model import ModelSpec
+from opsd.model import ModelSpec, cpu_has_native_bf16
 from opsd.prompts import PromptConfig
 from evaluation.config import EvalConfig
 from rollout.config import RolloutConfig
@@ -413,7 +413,8 @@ GPU_ONLY_ROLLOUT_KEYS = ("gpu_memory_utilization", "tensor_parallel_size")
 def ineffective_keys(cfg: OPSDConfig, on_cpu: bool) -> list[str]:
     """Keys set to a non-default value that do nothing in this run (an EMA decay with the frozen teacher; the loss kind
     runs no teacher actors; what a baseline method does not use; CPU-only settings on GPU and the reverse), each with
-    why, and GRPO's sampling filters that make its ratios start away from 1: the driver prints them as warnings."""
+    why; GRPO's sampling filters that make its ratios start away from 1; bfloat16 where a CPU run pays for it. The
+    driver prints them as warnings."""
     notes = _method_notes(cfg)
     if cfg.train.method == "opsd" and cfg.teacher.kind == "frozen":
         notes += [f"teacher.{key} has no effect: teacher.kind=frozen keeps no EMA"
@@ -423,8 +424,23 @@ def ineffective_keys(cfg: OPSDConfig, on_cpu: bool) -> list[str]:
                   "(the learner scores with its own frozen base)" for key in _changed(cfg.teacher, TEACHER_ACTOR_KEYS)]
     if on_cpu:
         notes += [f"rollout.{key} has no effect on CPU engines" for key in _changed(cfg.rollout, GPU_ONLY_ROLLOUT_KEYS)]
+        notes += _cpu_bf16_notes(cfg)
     else:
         notes += [f"rollout.{key} has no effect on GPU engines" for key in _changed(cfg.rollout, CPU_ONLY_ROLLOUT_KEYS)]
+    return notes
+
+
+def _cpu_bf16_notes(cfg: OPSDConfig) -> list[str]:
+    """bfloat16 on CPU: slow where the CPU emulates it; on the rollout engines, merged adapters rounded away."""
+    asked = [key for key, value in (("model.dtype", cfg.model.dtype), ("teacher.dtype", cfg.teacher.dtype),
+                                    ("learner.dtype", cfg.learner.dtype)) if value == "bfloat16"]
+    notes = []
+    if asked and not cpu_has_native_bf16():
+        notes.append(f"{', '.join(asked)}=bfloat16 on a CPU without AVX512-BF16 or AMX: PyTorch emulates bfloat16 "
+                     "there, slower than float32 (set them to float32 or auto)")
+    if "model.dtype" in asked and cfg.rollout.adapter_serving in ("auto", "merged"):
+        notes.append("model.dtype=bfloat16 on CPU engines: each merged weight (base + adapter) is rounded to bfloat16, "
+                     "so adapter changes smaller than ~0.4% of a weight never reach the samples (float32 keeps them)")
     return notes
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from opsd.model import cpu_has_native_bf16
 from orchestrator.config import load_config
 from orchestrator.offline_models import import_gguf
 
@@ -34,21 +35,34 @@ def ensure_quickstart_model(models_dir: Path) -> Path:
     return out
 
 
+def cpu_dtype_overrides(overrides: Sequence[str], native_bf16: bool) -> list[str]:
+    """The recipe's bfloat16 teacher and learner, made float32 on a CPU that would emulate bfloat16 (slower there);
+    a dtype the user sets on the command line is kept. Only the shipped recipe is adapted: a user's own recipe runs as
+    written (the plan warns about emulated bfloat16)."""
+    if native_bf16:
+        return []
+    return [f"{stage}.dtype=float32" for stage in ("teacher", "learner")
+            if not any(o.startswith(f"{stage}.dtype=") for o in overrides)]
+
+
 def run_quickstart(config_path: str | None = None, overrides: Sequence[str] = (), models_dir: str = "models") -> int:
     from orchestrator.plot import plot_run
     from orchestrator.train import train
 
     model_dir = ensure_quickstart_model(Path(models_dir))
     recipe = config_path or str(QUICKSTART_RECIPE)
-    cfg = load_config(recipe, [f"model.path={model_dir}", *overrides])
+    dtypes = cpu_dtype_overrides(overrides, cpu_has_native_bf16()) if config_path is None else []
+    cfg = load_config(recipe, [f"model.path={model_dir}", *dtypes, *overrides])
     print(f"[2/3] config: {recipe} (loss {cfg.learner.loss.kind}, {cfg.train.steps} steps of "
           f"{cfg.train.prompts_per_step} prompts, {cfg.rollout.max_response_tokens} response tokens, "
           f"{cfg.train.heldout_rows} held-out problems)")
+    print(f"      dtypes: teacher {cfg.teacher.dtype}, learner {cfg.learner.dtype}"
+          + (" (float32: this CPU has no AVX512-BF16 or AMX, it would emulate bfloat16)" if dtypes else ""))
     print("[3/3] training on an embedded Ray (vLLM rollouts -> teacher -> DeepSpeed learner -> adapter push):")
     start = time.perf_counter()
     run_dir = train(cfg)
     curves = plot_run(run_dir)
     print(f"\nquickstart done in {time.perf_counter() - start:.0f} s; curves: {curves}")
-    print(f"next: opsd train --config {recipe} model.path={model_dir} train.steps=100 (more steps), "
-          "or opsd train --config recipes/opsd-qwen3-1.7b.yaml on GPUs (see README)")
+    print(f"next: opsd train --config {recipe} model.path={model_dir} {' '.join([*dtypes, 'train.steps=100'])} "
+          "(more steps), or opsd train --config recipes/opsd-qwen3-1.7b.yaml on GPUs (see README)")
     return 0

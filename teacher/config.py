@@ -62,7 +62,8 @@ class TeacherConfig:
     )
     dtype: Literal["auto", "float32", "bfloat16"] = field(
         default="auto",
-        metadata={"doc": "Teacher weight and compute dtype. 'auto': bfloat16 on GPU, float32 on CPU."},
+        metadata={"doc": "Teacher weight and compute dtype. 'auto': bfloat16 on GPU, float32 on CPU. On a "
+                         "CPU with AVX512-BF16 or AMX, bfloat16 runs ~2x faster (the quickstart uses it)."},
     )
 
     def validate(self) -> None:

@@ -73,6 +73,17 @@ def test_prompts_prints_student_and_teacher_prompt(tiny_model_dir: Path, capsys)
     assert "tokens over 5 rows" in out
 
 
+def test_quickstart_keeps_float32_on_cpus_that_would_emulate_bfloat16():
+    from orchestrator.config import load_config
+    from orchestrator.quickstart import QUICKSTART_RECIPE, cpu_dtype_overrides
+
+    recipe = load_config(QUICKSTART_RECIPE)
+    assert (recipe.teacher.dtype, recipe.learner.dtype, recipe.model.dtype) == ("bfloat16", "bfloat16", "auto")
+    assert cpu_dtype_overrides([], native_bf16=True) == []
+    assert cpu_dtype_overrides([], native_bf16=False) == ["teacher.dtype=float32", "learner.dtype=float32"]
+    assert cpu_dtype_overrides(["learner.dtype=bfloat16"], native_bf16=False) == ["teacher.dtype=float32"]
+
+
 @pytest.mark.slow
 def test_quickstart_trains_and_reports(smollm2_dir: Path, tmp_path: Path, capsys, monkeypatch):
     models = tmp_path / "models"
@@ -84,7 +95,7 @@ def test_quickstart_trains_and_reports(smollm2_dir: Path, tmp_path: Path, capsys
     assert main(["quickstart", "--models-dir", str(models), "train.steps=2", "train.prompts_per_step=1",
                  "train.heldout_rows=1", "rollout.max_response_tokens=8", f"train.run_dir={run_dir}"]) == 0
     out = capsys.readouterr().out
-    for step in ("[1/3] model", "[2/3] config", "[3/3] training", "step 2/2", "quickstart done"):
+    for step in ("[1/3] model", "[2/3] config", "dtypes: teacher", "[3/3] training", "step 2/2", "quickstart done"):
         assert step in out
     assert "held-out GJS" in out and "before" in out and "after" in out
     assert "tokens/s over the run: rollout" in out and f"run directory {run_dir.resolve()}" in out

@@ -259,6 +259,25 @@ def test_keys_without_effect_are_named():
     assert ineffective_keys(load_config(None, DATA), on_cpu=True) == []  # defaults are never reported
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_cpu_is_flagged_where_it_costs(monkeypatch, native):
+    import orchestrator.config as config
+
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: native)
+    stages = load_config(None, DATA + ["teacher.dtype=bfloat16", "learner.dtype=bfloat16",
+                                       "learner.loss.kind=topk_tail"])
+    notes = config.ineffective_keys(stages, on_cpu=True)
+    emulated = [n for n in notes if "without AVX512-BF16" in n]
+    assert len(emulated) == (0 if native else 1)
+    assert not emulated or emulated[0].startswith("teacher.dtype, learner.dtype=bfloat16")
+    assert not any("merged weight" in n for n in notes)  # the rollout engines stay float32
+    assert config.ineffective_keys(stages, on_cpu=False) == []  # bfloat16 is the GPU default
+    engines = config.ineffective_keys(load_config(None, DATA + ["model.dtype=bfloat16"]), on_cpu=True)
+    assert any(n.startswith("model.dtype=bfloat16 on CPU engines: each merged weight") for n in engines)
+    lora = load_config(None, DATA + ["model.dtype=bfloat16", "rollout.adapter_serving=lora"])
+    assert not any("merged weight" in n for n in config.ineffective_keys(lora, on_cpu=True))
+
+
 def test_literal_error_lists_choices_and_suggests():
     err = error_of(load_config, None, DATA + ["learner.loss.kind=topk"])
     assert err.key == "learner.loss.kind"

@@ -112,6 +112,38 @@ def test_training_reduces_the_loss_and_the_export_reloads_in_peft(ray_cluster, t
     torch.testing.assert_close(reloaded, engine_logits, rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_on_cpu_trains_like_float32(ray_cluster, tiny_model_dir, scored_table):
+    """The quickstart's bfloat16 learner on CPU (DeepSpeed bf16: bfloat16 weights and matmuls, float32 loss and
+    optimizer state): its steps follow the float32 learner's, and the adapter it pushes is float32."""
+    from safetensors.torch import load
+
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        config = learner_config(lr=2e-2)
+        config.dtype = dtype
+        group = make_group(tiny_model_dir, config, total_steps=8)
+        try:
+            before = group.trainable_parameters()
+            first = group.train_step(scored_table)
+            after_one = group.trainable_parameters()
+            losses = [first.loss] + [group.train_step(scored_table).loss for _ in range(7)]
+            payload = group.export_adapter()
+        finally:
+            group.shutdown()
+        runs[dtype] = (before, after_one, losses, load(payload.weights))
+    (before, f32_one, f32_losses, _), (_, bf16_one, bf16_losses, bf16_adapter) = runs["float32"], runs["bfloat16"]
+    assert bf16_losses[0] == pytest.approx(f32_losses[0], rel=0.05)
+    assert bf16_losses[-1] < 0.5 * bf16_losses[0] and f32_losses[-1] < 0.5 * f32_losses[0], (bf16_losses, f32_losses)
+    # Adam's first step moves each weight by ~lr in the sign of its gradient (lora_B only: lora_A's gradient is zero
+    # while B is): the signs agree where the step is clear.
+    f32_step = torch.cat([(f32_one[n] - before[n]).ravel() for n in before])
+    bf16_step = torch.cat([(bf16_one[n] - before[n]).ravel() for n in before])
+    clear = f32_step.abs() > 1e-2
+    assert clear.float().mean() > 0.1
+    assert (torch.sign(f32_step[clear]) == torch.sign(bf16_step[clear])).float().mean() > 0.9
+    assert bf16_adapter and all(t.dtype == torch.float32 for t in bf16_adapter.values())
+
+
 def test_zero3_exports_a_full_adapter(ray_cluster, tiny_model_dir, scored_table):
     group = make_group(tiny_model_dir, learner_config(zero_stage=3))
     try:

@@ -221,3 +221,24 @@ def test_pack_by_tokens_respects_the_budget():
     assert sorted(i for b in batches for i in b) == list(range(6))
     for b in batches:
         assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 64
+
+
+def test_bfloat16_scores_stay_within_bfloat16_rounding_of_the_float64_reference(tiny_model_dir, hf_model, builder,
+                                                                                 qwen3_tokenizer, traces):
+    """The quickstart's bfloat16 teacher on CPU: bfloat16 weights and matmuls, float32 log-softmax and top-k."""
+    k, tau = 8, 1.1
+    scorer = TeacherScorer(str(tiny_model_dir), TeacherConfig(top_k=k, dtype="bfloat16"), temperature=tau)
+    assert scorer.model.dtype == torch.bfloat16
+    out = scorer.score(rollout_table(builder, qwen3_tokenizer, traces["real"])).table
+    check_table(out, "scored")
+    errors = []
+    for row, ((problem, solution), response) in enumerate(zip(PROBLEMS, traces["real"])):
+        ids, top, tail, token = unflatten(out, row, k)
+        assert top.dtype == tail.dtype == token.dtype == torch.float32
+        assert torch.all(top[:, :-1] >= top[:, 1:])  # sorted, as the float32 teacher's
+        _, ref_top, ref_tail, ref_token = reference(hf_model, builder, problem, solution, response, k, tau)
+        errors += [(top.double() - ref_top).abs().max(), (token.double() - ref_token).abs().max(),
+                   (tail.double() - ref_tail).abs().max()]
+    worst = max(errors).item()
+    # bfloat16 keeps 8 significant bits: log-probs move by a few hundredths, not by the float32 teacher's 1e-5.
+    assert 1e-5 < worst < 0.03, worst
