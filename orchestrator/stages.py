@@ -66,8 +66,10 @@ class Stages:
     def start(cls, cfg: OPSDConfig, total_steps: int, log: Callable[[str], None] = print,
               log_dir: str | None = None) -> Stages:
         """Reserve the plan's placement groups (bounded by ``placement.placement_timeout_s``), then start every
-        pool's actors in their bundles (each call bounded by ``train.stage_timeout_s``). ``log_dir``: every
-        actor's output goes to a file of its own there."""
+        pool's actors in their bundles (each call bounded by ``train.stage_timeout_s``). The pools start together:
+        the rollout engines and the teacher load while the learner ranks set up, then each is awaited (each
+        process's start is mostly single-threaded imports and loading, so starting them one after another would
+        leave cores idle). ``log_dir``: every actor's output goes to a file of its own there."""
         plan = ResourcePlan.from_config(cfg, ClusterView.current())
         log(plan.describe())
         reservation = reserve(plan, timeout_s=cfg.placement.placement_timeout_s,
@@ -79,14 +81,17 @@ class Stages:
                 rollout = RolloutPool(cfg.model, cfg.rollout, cfg.prompt,
                                       actor_options=reservation.stage_options("rollout"),
                                       max_lora_rank=engine_lora_rank(cfg.learner.lora.rank), call_timeout_s=timeout,
-                                      log=log, log_dir=log_dir)
+                                      log=log, log_dir=log_dir, wait=False)
             teacher = None
             if plan.num_actors("teacher"):
                 teacher = TeacherPool(cfg.model, cfg.teacher, cfg.prompt, temperature=cfg.learner.loss.tau,
                                       actor_options=reservation.stage_options("teacher"),
                                       device="cpu" if plan.on_cpu else None, call_timeout_s=timeout, log=log,
-                                      log_dir=log_dir, torch_threads=cpu_threads(cfg, plan, "teacher"))
+                                      log_dir=log_dir, torch_threads=cpu_threads(cfg, plan, "teacher"), wait=False)
             learner = new_learner_group(cfg, total_steps, reservation, log_dir)
+            for pool in (rollout, teacher):
+                if pool is not None:
+                    pool.wait_ready()
         except BaseException:
             reservation.release()  # removing the placement groups kills every actor placed in them
             raise

@@ -77,11 +77,13 @@ class Rollouts:
 class RolloutPool:
     def __init__(self, model: ModelSpec | str, config: RolloutConfig, prompts: PromptConfig | None = None, *,
                  actor_options: Sequence[dict[str, Any]] | None = None, max_lora_rank: int = 64,
-                 call_timeout_s: float = 3600.0, log: Callable[[str], None] = print, log_dir: str | None = None):
+                 call_timeout_s: float = 3600.0, log: Callable[[str], None] = print, log_dir: str | None = None,
+                 wait: bool = True):
         """``actor_options[i]``: worker i's Ray options (its placement bundle), over :func:`default_actor_options`.
         ``max_lora_rank``: the engines' LoRA rank (``opsd.lora.engine_lora_rank`` of the adapters to serve).
         ``call_timeout_s`` bounds every wait: engine start, a shard's generation, an adapter load. ``log_dir``: each
-        worker's output goes to ``log_dir/rollout-<i>.log`` instead of the driver's terminal."""
+        worker's output goes to ``log_dir/rollout-<i>.log`` instead of the driver's terminal. ``wait=False``: return
+        while the engines start, so that other stages start meanwhile; :meth:`wait_ready` before any use."""
         config.validate()
         if actor_options is not None and len(actor_options) != config.num_workers:
             raise ValueError(f"actor_options lists {len(actor_options)} workers, rollout.num_workers is "
@@ -92,8 +94,13 @@ class RolloutPool:
         self.replaced = 0
         self.adapter: tuple[int, ray.ObjectRef | None] = (0, None)  # the version every worker serves, its payload
         self.actors = [self._new_actor(i) for i in range(config.num_workers)]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Every engine up, or its start error raised (and the pool's actors killed); bounded by ``call_timeout_s``."""
         try:
-            get([actor.info.remote() for actor in self.actors], call_timeout_s)  # engines up, or their start error
+            get([actor.info.remote() for actor in self.actors], self.call_timeout_s)
         except BaseException:
             kill_actors(self.actors)
             raise

@@ -42,10 +42,11 @@ class TeacherPool:
     def __init__(self, model: ModelSpec | str, config: TeacherConfig, prompts: PromptConfig | None = None, *,
                  temperature: float, actor_options: Sequence[dict[str, Any]] | None = None,
                  device: str | None = None, call_timeout_s: float = 3600.0, log: Callable[[str], None] = print,
-                 log_dir: str | None = None, torch_threads: int | None = None):
+                 log_dir: str | None = None, torch_threads: int | None = None, wait: bool = True):
         """``actor_options[i]``: actor i's Ray options (its placement bundle and resources). ``device``: "cpu" to
         keep the teacher off GPUs; None picks CUDA when the actor sees one. ``log_dir``: each actor's output goes to
-        ``log_dir/teacher-<i>.log``; ``torch_threads``: its CPU threads (default: Ray's, one per reserved CPU)."""
+        ``log_dir/teacher-<i>.log``; ``torch_threads``: its CPU threads (default: Ray's, one per reserved CPU).
+        ``wait=False``: return while the actors load the model; :meth:`wait_ready` before any use."""
         config.validate()
         if actor_options is not None and len(actor_options) != config.num_workers:
             raise ValueError(f"actor_options lists {len(actor_options)} actors, teacher.num_workers is "
@@ -57,8 +58,14 @@ class TeacherPool:
         self.replaced = 0
         self.adapter: tuple[int, ray.ObjectRef | None] = (0, None)  # the version every actor scores with, its payload
         self.actors = [self._new_actor(i) for i in range(config.num_workers)]
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Every actor's model loaded, or its error raised (and the pool's actors killed); bounded by
+        ``call_timeout_s``."""
         try:
-            get([actor.__ray_ready__.remote() for actor in self.actors], call_timeout_s)
+            get([actor.__ray_ready__.remote() for actor in self.actors], self.call_timeout_s)
         except BaseException:
             kill_actors(self.actors)
             raise
