@@ -1,7 +1,7 @@
 """float32 against bfloat16 on this CPU, for the teacher's and the learner's work: why the quickstart asks for
 bfloat16 teacher and learner where the CPU computes it natively (AVX512-BF16 or AMX).
 
-    python benchmarks/cpu_dtype.py [--model-dir models/smollm2-135m-instruct] [--rows 6] [--prompt 110] [--response 220]
+    python benchmarks/cpu_dtype.py [--model-dir DIR] [--rows 6] [--prompt 110] [--response 220]
 
 Measured in one run, both dtypes on the same inputs and threads (every core):
   matmul     a [rows * tokens, H] x [H, 3H] product, GFLOP/s
@@ -68,7 +68,8 @@ def measure(model_dir: Path, dtype, rows: int, prompt: int, response: int, repea
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default="models/smollm2-135m-instruct")
+    parser.add_argument("--model-dir", default=None,
+                        help="a model directory (default: the quickstart's SmolLM2 in models/, imported if missing)")
     parser.add_argument("--rows", type=int, default=6)
     parser.add_argument("--prompt", type=int, default=110)
     parser.add_argument("--response", type=int, default=220)
@@ -80,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     from opsd.model import cpu_has_native_bf16
     from orchestrator.quickstart import ensure_quickstart_model
 
-    model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        model_dir = ensure_quickstart_model(model_dir.parent)
+    if args.model_dir is None:
+        model_dir = ensure_quickstart_model(REPO_ROOT / "models")
+    else:
+        model_dir = Path(args.model_dir)
+        if not (model_dir / "config.json").is_file():
+            parser.error(f"--model-dir {model_dir}: no config.json there (a Hugging Face model directory is needed)")
     results = {name: measure(model_dir, dtype, args.rows, args.prompt, args.response, args.repeats)
                for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     f32, bf16 = results["float32"], results["bfloat16"]

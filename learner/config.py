@@ -188,7 +188,7 @@ class LearnerConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = field(
         default="auto",
         metadata={"doc": "Learner weight and compute dtype. 'auto': bfloat16 on GPU, float32 on CPU. On a "
-                         "CPU with AVX512-BF16 or AMX, bfloat16 runs ~2x faster (the quickstart uses it)."},
+                         "CPU with AVX512-BF16 or AMX, bfloat16 runs ~1.5x faster (the quickstart uses it)."},
     )
     micro_batch_tokens: int = field(
         default=8192,

@@ -119,6 +119,12 @@ class ResourcePlan:
         return self.mode == "cpu"
 
     @property
+    def shares_gpus(self) -> bool:
+        """Whether actors of different pools may hold the same GPU: colocate mode, or a fractional GPU bundle (Ray
+        may pack fractional bundles of different placement groups onto one GPU)."""
+        return self.mode == "colocate" or any(0 < b.gpu < 1 for g in self.groups for b in g.bundles)
+
+    @property
     def pools(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(g.pool for g in self.groups))
 

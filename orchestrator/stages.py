@@ -69,7 +69,9 @@ class Stages:
         pool's actors in their bundles (each call bounded by ``train.stage_timeout_s``). The pools start together:
         the rollout engines and the teacher load while the learner ranks set up, then each is awaited (each
         process's start is mostly single-threaded imports and loading, so starting them one after another would
-        leave cores idle). ``log_dir``: every actor's output goes to a file of its own there."""
+        leave cores idle). Where pools may share a GPU, the rollout engines are up first: vLLM sizes its KV cache
+        from the GPU's free memory, which the teacher and learner must not change while it measures. ``log_dir``:
+        every actor's output goes to a file of its own there."""
         plan = ResourcePlan.from_config(cfg, ClusterView.current())
         log(plan.describe())
         reservation = reserve(plan, timeout_s=cfg.placement.placement_timeout_s,
@@ -81,7 +83,7 @@ class Stages:
                 rollout = RolloutPool(cfg.model, cfg.rollout, cfg.prompt,
                                       actor_options=reservation.stage_options("rollout"),
                                       max_lora_rank=engine_lora_rank(cfg.learner.lora.rank), call_timeout_s=timeout,
-                                      log=log, log_dir=log_dir, wait=False)
+                                      log=log, log_dir=log_dir, wait=plan.shares_gpus)
             teacher = None
             if plan.num_actors("teacher"):
                 teacher = TeacherPool(cfg.model, cfg.teacher, cfg.prompt, temperature=cfg.learner.loss.tau,

@@ -276,6 +276,11 @@ def test_bfloat16_on_cpu_is_flagged_where_it_costs(monkeypatch, native):
     assert any(n.startswith("model.dtype=bfloat16 on CPU engines: each merged weight") for n in engines)
     lora = load_config(None, DATA + ["model.dtype=bfloat16", "rollout.adapter_serving=lora"])
     assert not any("merged weight" in n for n in config.ineffective_keys(lora, on_cpu=True))
+    # The full-vocabulary loss runs no teacher actors: teacher.dtype is said to have no effect, once.
+    full = config.ineffective_keys(load_config(None, DATA + ["teacher.dtype=bfloat16", "learner.dtype=bfloat16",
+                                                             "learner.loss.kind=full"]), on_cpu=True)
+    assert len([n for n in full if n.startswith("teacher.dtype")]) == 1
+    assert any(n.startswith("learner.dtype=bfloat16 on a CPU without") for n in full) == (not native)
 
 
 def test_literal_error_lists_choices_and_suggests():

@@ -44,6 +44,7 @@ def split(rollout: int, teacher: int, learner: int, *more: str):
 def test_split_4_2_2_gives_each_pool_its_group_and_each_actor_its_bundle():
     plan = ResourcePlan.from_config(split(4, 2, 2))
     assert plan.mode == "split" and not plan.on_cpu
+    assert not plan.shares_gpus  # whole GPUs: the pools start together
     assert plan.pools == ("rollout", "teacher", "learner")
     for pool, count in (("rollout", 4), ("teacher", 2), ("learner", 2)):
         (group,) = plan.pool_groups(pool)
@@ -70,6 +71,7 @@ def test_fractional_gpus_in_split_mode():
     plan = ResourcePlan.from_config(split(4, 1, 1, "rollout.gpus_per_worker=0.5"))
     assert plan.pool_groups("rollout")[0].bundles == (Bundle(gpu=0.5, cpu=1),) * 4
     assert plan.totals()["GPU"] == 4
+    assert plan.shares_gpus  # two engines may share a GPU: the rollout pool starts first
     with pytest.raises(ConfigError, match=r"learner.gpus_per_worker: must be a fraction of one GPU or a whole"):
         ResourcePlan.from_config(split(4, 1, 1, "learner.gpus_per_worker=1.5"))
 
@@ -109,6 +111,7 @@ def test_colocate_shares_one_gpu_bundle_with_fractions():
     plan = ResourcePlan.from_config(cfg)
     (group,) = plan.groups
     assert group.pool == "colocated" and group.bundles == (Bundle(gpu=1, cpu=3),)
+    assert plan.shares_gpus
     assert [(s.stage, s.group, s.bundle, s.num_gpus) for s in plan.slots] == [
         ("rollout", 0, 0, 0.4), ("teacher", 0, 0, 0.3), ("learner", 0, 0, 0.3)]
 
@@ -128,7 +131,7 @@ def test_cpu_plan_gives_each_engine_the_cpus_of_its_cores_and_fits_the_embedded_
 
     cfg = config(recipe="tiny-cpu.yaml")
     plan = ResourcePlan.from_config(cfg, node_cores=2)
-    assert plan.on_cpu and plan.mode == "cpu" and plan.notes == ()
+    assert plan.on_cpu and plan.mode == "cpu" and plan.notes == () and not plan.shares_gpus
     assert plan.pool_groups("rollout")[0].bundles == (Bundle(cpu=2),)  # one engine binds both cores
     assert [s.num_gpus for s in plan.slots] == [0, 0, 0]
     assert plan.totals() == {"CPU": 4}
