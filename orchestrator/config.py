@@ -432,10 +432,9 @@ def ineffective_keys(cfg: OPSDConfig, on_cpu: bool) -> list[str]:
 
 def _cpu_bf16_notes(cfg: OPSDConfig) -> list[str]:
     """bfloat16 on CPU: slow where the CPU emulates it; on the rollout engines, merged adapters rounded away."""
-    teacher_actors = cfg.train.method == "opsd" and cfg.learner.loss.loss_kind.needs_teacher_stage
     asked = [key for key, value in (("model.dtype", cfg.model.dtype), ("teacher.dtype", cfg.teacher.dtype),
                                     ("learner.dtype", cfg.learner.dtype)) if value == "bfloat16"
-             and (key != "teacher.dtype" or teacher_actors)]  # else teacher.dtype is reported as without effect
+             and (key != "teacher.dtype" or cfg.runs_teacher_actors)]  # else reported as without effect
     notes = []
     if asked and not cpu_has_native_bf16():
         notes.append(f"{', '.join(asked)}=bfloat16 on a CPU without AVX512-BF16 or AMX: PyTorch emulates bfloat16 "

@@ -133,7 +133,7 @@ def test_bfloat16_on_cpu_trains_like_float32(ray_cluster, tiny_model_dir, scored
             group.shutdown()
         runs[dtype] = (before, after_one, losses, load(payload.weights))
     (before, f32_one, f32_losses, _), (_, bf16_one, bf16_losses, bf16_adapter) = runs["float32"], runs["bfloat16"]
-    assert bf16_losses != f32_losses  # bfloat16 was used: its rounding shows in every loss
+    assert bf16_losses != f32_losses  # bfloat16 was used: its rounding shows in the losses
     assert bf16_losses[0] == pytest.approx(f32_losses[0], rel=0.05)
     assert bf16_losses[-1] < 0.5 * bf16_losses[0] and f32_losses[-1] < 0.5 * f32_losses[0], (bf16_losses, f32_losses)
     # Adam's first step moves each weight by ~lr in the sign of its gradient (lora_B only: lora_A's gradient is zero
